@@ -1,0 +1,111 @@
+"""Live progress display and end-of-run summary (rich)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from cmflow.engine.records import RunRecord
+
+STYLE = {"pending": "dim", "running": "yellow", "hit": "cyan", "done": "green", "failed": "red", "skipped": "dim"}
+
+
+def _bar(done: float, total: float, width: int = 20) -> str:
+    if not total:
+        return ""
+    frac = max(0.0, min(1.0, done / total))
+    filled = int(frac * width)
+    return "█" * filled + "░" * (width - filled) + f" {frac * 100:3.0f}%"
+
+
+def _info(progress: dict[str, Any]) -> str:
+    parts = []
+    metrics = progress.get("metrics") or {}
+    for key, value in metrics.items():
+        if key != "step" and isinstance(value, int | float):
+            parts.append(f"{key}={value:.4g}")
+    if progress.get("message"):
+        parts.append(str(progress["message"]))
+    return " ".join(parts[:4])
+
+
+def stage_table(record: RunRecord, progress: dict[str, dict[str, Any]] | None = None, *, final: bool = False) -> Table:
+    table = Table(title=f"{record.run_id} — {record.status}", title_justify="left", expand=False)
+    table.add_column("stage")
+    table.add_column("kind", style="dim")
+    table.add_column("status")
+    table.add_column("progress" if not final else "cache", no_wrap=True)
+    table.add_column("time", justify="right")
+    table.add_column("info" if not final else "result", overflow="fold", max_width=60)
+    now = time.time()
+    for name, srec in record.stages.items():
+        prog = (progress or {}).get(name, {})
+        if final:
+            cache = {"hit": "hit", "done": "miss", "failed": "miss"}.get(srec.status, "")
+            info = srec.error or _meta_summary(srec.meta)
+            column4 = cache
+        else:
+            column4 = _bar(prog.get("done", 0), prog.get("total", 0)) if srec.status == "running" else ""
+            info = _info(prog) if srec.status == "running" else (srec.error or "")
+        seconds = srec.seconds
+        if srec.status == "running" and srec.started_at:
+            from datetime import datetime
+
+            seconds = now - datetime.fromisoformat(srec.started_at).timestamp()
+        table.add_row(
+            name,
+            srec.kind,
+            f"[{STYLE.get(srec.status, '')}]{srec.status}[/]",
+            column4,
+            f"{seconds:.1f}s" if seconds else "",
+            info,
+        )
+    return table
+
+
+def _meta_summary(meta: dict[str, Any]) -> str:
+    items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in meta.items()
+             if isinstance(v, int | float | str) and len(str(v)) < 24]
+    return " ".join(items[:5])
+
+
+class LiveDisplay:
+    """A listener for :func:`cmflow.engine.run_pipeline`: a live table on a terminal, lines otherwise."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.live: Live | None = None
+        self._last_status: dict[str, str] = {}
+        self._last_line = 0.0
+
+    def __enter__(self) -> LiveDisplay:
+        if self.console.is_terminal:
+            self.live = Live(console=self.console, refresh_per_second=4, transient=True)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def __call__(self, record: RunRecord, progress: dict[str, dict[str, Any]]) -> None:
+        if self.live is not None:
+            self.live.update(stage_table(record, progress))
+            return
+        for name, srec in record.stages.items():
+            if self._last_status.get(name) != srec.status:
+                self._last_status[name] = srec.status
+                extra = f" ({srec.seconds:.1f}s)" if srec.status in {"done", "failed"} else ""
+                reason = f": {srec.error}" if srec.status == "failed" else ""
+                print(f"[cmflow] {name}: {srec.status}{extra}{reason}", file=sys.stderr, flush=True)
+        if progress and time.time() - self._last_line > 30:
+            self._last_line = time.time()
+            for name, prog in progress.items():
+                if record.stages.get(name) and record.stages[name].status == "running":
+                    print(f"[cmflow] {name}: {_bar(prog.get('done', 0), prog.get('total', 0))} {_info(prog)}",
+                          file=sys.stderr, flush=True)

@@ -1,0 +1,126 @@
+"""``cmflow run | resume | plan | validate | status | schema``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from cmflow.cli.options import AddressOpt, NoCacheOpt, RootOpt, SetOpt, SpecArg, default_root
+
+
+def run(
+    spec_path: SpecArg,
+    set_: SetOpt = None,
+    no_cache: NoCacheOpt = None,
+    address: AddressOpt = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Use this run id (default: a new one).")] = None,
+) -> None:
+    """Run a pipeline: cached stages are skipped, the rest run as Ray tasks. Prints a summary table."""
+    from cmflow.spec import load_spec
+
+    spec = load_spec(spec_path, set_ or [])
+    _run(spec, no_cache or [], address, run_id)
+
+
+def _run(spec, no_cache: list[str], address: str | None, run_id: str | None) -> None:  # noqa: ANN001
+    from rich.console import Console
+
+    from cmflow.cli.display import LiveDisplay, stage_table
+    from cmflow.engine import run_pipeline
+    from cmflow.errors import StageError
+
+    console = Console(stderr=True)
+    with LiveDisplay(console) as display:
+        record = run_pipeline(spec, no_cache=no_cache, run_id=run_id, address=address, listener=display)
+    Console().print(stage_table(record, final=True))
+    if record.status != "succeeded":
+        raise StageError(f"run {record.run_id} {record.status}: {record.error}; fix it, then `cmflow resume "
+                         f"{record.run_id}`")
+    typer.echo(f"run {record.run_id} succeeded; artifacts under {spec.storage.root}")
+
+
+def resume(
+    run_id: Annotated[str, typer.Argument(help="The run to resume.")],
+    root: RootOpt = None,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Re-run a run's spec snapshot under the same run id: finished stages are cache hits."""
+    from cmflow.engine.records import RunRecord
+    from cmflow.spec import apply_overrides, validate_spec
+    from cmflow.storage import Storage
+
+    record = RunRecord.load(Storage(default_root(root)), run_id)
+    spec = validate_spec(apply_overrides(record.spec, set_ or []), source=f"run {run_id}")
+    _run(spec, [], address, run_id)
+
+
+def plan(spec_path: SpecArg, set_: SetOpt = None, no_cache: NoCacheOpt = None) -> None:
+    """Show which stages would be cache hits and which would run, before any work starts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cmflow.engine import plan as make_plan
+    from cmflow.spec import load_spec
+
+    spec = load_spec(spec_path, set_ or [])
+    table = Table(title=f"plan: {spec.name}", title_justify="left")
+    for column in ("stage", "kind", "decision", "cache key", "why"):
+        table.add_column(column)
+    for row in make_plan(spec, no_cache or []):
+        style = "cyan" if row.decision == "hit" else "yellow"
+        table.add_row(row.stage, row.kind, f"[{style}]{row.decision}[/]", row.cache_key[:16], row.reason)
+    Console().print(table)
+
+
+def validate(spec_path: SpecArg, set_: SetOpt = None) -> None:
+    """Validate a spec: fields, stage kinds and params, inputs and cycles. Exit 2 with one line if bad."""
+    from cmflow.spec import load_spec
+
+    spec = load_spec(spec_path, set_ or [])
+    typer.echo(f"{spec_path}: ok — pipeline {spec.name!r}, {len(spec.stages)} stages: "
+               f"{' -> '.join(spec.topological_order())}")
+
+
+def status(
+    run_id: Annotated[str | None, typer.Argument(help="Run id (default: the latest run).")] = None,
+    root: RootOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run record as JSON.")] = False,
+) -> None:
+    """Show a run's per-stage status, cache hits and errors (works after the driver is gone)."""
+    from rich.console import Console
+
+    from cmflow.cli.display import stage_table
+    from cmflow.engine.records import RunRecord, list_runs
+    from cmflow.errors import UsageError
+    from cmflow.storage import Storage
+
+    storage = Storage(default_root(root))
+    if run_id is None:
+        runs = list_runs(storage)
+        if not runs:
+            raise UsageError(f"no runs under {storage.uri()}; start one with `cmflow run SPEC`")
+        record = runs[-1]
+    else:
+        record = RunRecord.load(storage, run_id)
+    if as_json:
+        typer.echo(json.dumps(record.to_dict(), indent=1))
+        return
+    Console().print(stage_table(record, final=True))
+
+
+def schema(
+    stage: Annotated[str | None, typer.Option("--stage", help="Only this stage kind's params schema.")] = None,
+) -> None:
+    """Print the pipeline spec's JSON Schema (with every stage kind's params schema)."""
+    from cmflow.errors import UsageError
+    from cmflow.spec import json_schema
+
+    data = json_schema()
+    if stage is not None:
+        if stage not in data["stageParams"]:
+            raise UsageError(f"no stage kind {stage!r}; kinds: {', '.join(data['stageParams'])}")
+        data = data["stageParams"][stage]
+    typer.echo(json.dumps(data, indent=2))

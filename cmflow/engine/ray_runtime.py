@@ -1,0 +1,150 @@
+"""Starting or attaching Ray, checking that the cluster can place every stage, and the progress hub."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from cmflow.errors import ClusterError
+from cmflow.spec import Resources
+
+log = logging.getLogger(__name__)
+
+
+class RayRuntime:
+    """Ray for one pipeline run: a local Ray cmflow starts (and stops), or an existing cluster."""
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.num_cpus = num_cpus
+        self.started_here = False
+        self._remote: Any = None
+        self.hub: Any = None
+
+    def start(self) -> None:
+        import ray
+
+        os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+        if ray.is_initialized():
+            return
+        if self.address:
+            try:
+                ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ClusterError(
+                    f"cannot reach the Ray cluster at {self.address}: {exc}; check the address or drop "
+                    "--address to run locally"
+                ) from None
+        else:
+            # A private local Ray on loopback. Token auth guards shared clusters; this one serves only
+            # this process, so it is disabled explicitly (Ray 2.60 turns it on by default).
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(
+                address="local",
+                num_cpus=self.num_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                configure_logging=True,
+            )
+            self.started_here = True
+        self.hub = _progress_hub_class().options(num_cpus=0).remote()
+
+    def stop(self) -> None:
+        import ray
+
+        if self.started_here and ray.is_initialized():
+            ray.shutdown()
+        self.started_here = False
+
+    def remote_stage(self) -> Any:
+        """The Ray remote wrapper of :func:`cmflow.engine.worker.execute_stage`, built once."""
+        if self._remote is None:
+            import ray
+
+            from cmflow.engine.worker import execute_stage
+
+            self._remote = ray.remote(execute_stage)
+        return self._remote
+
+    def nodes(self) -> list[dict[str, float]]:
+        import ray
+
+        return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+    def check_feasible(self, demands: Iterable[tuple[str, Resources]]) -> None:
+        check_feasible(self.nodes(), demands)
+
+    def progress(self) -> dict[str, dict[str, Any]]:
+        if self.hub is None:
+            return {}
+        import ray
+
+        try:
+            return ray.get(self.hub.snapshot.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - the display must never break a run
+            return {}
+
+
+def check_feasible(nodes: list[dict[str, float]], demands: Iterable[tuple[str, Resources]]) -> None:
+    """Fail up front when no node can hold a stage's task (Ray would leave it pending forever)."""
+    for stage, resources in demands:
+        demand = resources.demand()
+        fitting = [n for n in nodes if all(n.get(k, 0.0) >= v for k, v in demand.items())]
+        if not fitting:
+            have = ", ".join(
+                f"{k}={_fmt(sum(n.get(k, 0.0) for n in nodes) if k != 'memory' else max(n.get(k, 0) for n in nodes))}"
+                for k in demand
+            )
+            wanted = ", ".join(f"{k}={_fmt(v)}" for k, v in demand.items())
+            fix = (
+                f"set stages.{stage}.resources.gpus=0 or submit to a cluster with GPUs"
+                if "GPU" in demand and not any(n.get("GPU") for n in nodes)
+                else f"lower stages.{stage}.resources or use a larger cluster"
+            )
+            raise ClusterError(
+                f"stage {stage!r} needs {wanted} per task but no node of the cluster has that "
+                f"(cluster: {have or 'nothing'}); {fix}"
+            )
+        if resources.workers > 1:
+            capacity = sum(
+                int(min(n.get(k, 0.0) / v for k, v in demand.items())) if demand else resources.workers
+                for n in nodes
+            )
+            if capacity < resources.workers:
+                raise ClusterError(
+                    f"stage {stage!r} wants {resources.workers} training workers of "
+                    f"{', '.join(f'{k}={_fmt(v)}' for k, v in demand.items())} but the cluster fits only "
+                    f"{capacity}; lower stages.{stage}.resources.workers"
+                )
+
+
+def _fmt(value: float) -> str:
+    if value >= 2**30:
+        return f"{value / 2**30:.1f}GiB"
+    return f"{value:g}"
+
+
+def _progress_hub_class() -> Any:
+    import ray
+
+    @ray.remote
+    class ProgressHub:
+        """Latest progress per stage, pushed by stage tasks and polled by the driver's display."""
+
+        def __init__(self) -> None:
+            self.state: dict[str, dict[str, Any]] = {}
+
+        def update(self, stage: str, update: dict[str, Any]) -> None:
+            entry = self.state.setdefault(stage, {})
+            entry.update(update)
+            entry["at"] = time.time()
+
+        def snapshot(self) -> dict[str, dict[str, Any]]:
+            return self.state
+
+    return ProgressHub

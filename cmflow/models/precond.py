@@ -1,0 +1,125 @@
+"""Preconditioning wrappers: any backbone ``F(x, noise_labels, class_labels)`` becomes a denoiser or a CM.
+
+* :class:`EDMPrecond` -- the EDM denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Eq. (7),
+  Table 1), used for the teacher.
+* :class:`CMPrecond` -- the consistency function f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)) with
+  the boundary-condition scalings of CM Eq. (7) / App. C, shifted by eps = sigma_min so that c_skip(eps) = 1 and
+  c_out(eps) = 0, hence f(x, eps) == x bit-exactly for any backbone.
+
+Both use c_noise = 1/4 ln sigma (EDM; the JAX CM code for CIFAR-10). Scalings are computed in float32, or in
+float64 when ``x`` is float64 (the EDM sampler runs in float64).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CMPrecond", "EDMPrecond", "cm_scalings", "edm_scalings", "sigma_as_tensor"]
+
+Scalings = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def edm_scalings(sigma: Tensor, sigma_data: float = 0.5) -> Scalings:
+    """EDM Table 1 preconditioning: returns (c_skip, c_out, c_in, c_noise) for noise level ``sigma``.
+
+    c_skip = sigma_data^2 / (sigma^2 + sigma_data^2), c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2),
+    c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = 1/4 ln sigma.
+    """
+    sigma = torch.as_tensor(sigma)
+    sd2 = sigma_data**2
+    c_skip = sd2 / (sigma**2 + sd2)
+    c_out = sigma * sigma_data / (sigma**2 + sd2).sqrt()
+    c_in = 1 / (sigma**2 + sd2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def cm_scalings(sigma: Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002) -> Scalings:
+    """Consistency-model scalings with the boundary condition at eps = ``sigma_min`` (CM Eq. (7), App. C).
+
+    c_skip = sigma_data^2 / ((sigma - eps)^2 + sigma_data^2), c_out = sigma_data (sigma - eps) / sqrt(sigma_data^2
+    + sigma^2) (the shift is in the numerator only), c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = 1/4 ln sigma.
+    ``sigma - eps`` is formed first, so at sigma == eps (same dtype) it is exactly 0 and c_skip = 1, c_out = 0
+    exactly.
+    """
+    sigma = torch.as_tensor(sigma)
+    sd2 = sigma_data**2
+    delta = sigma - sigma_min  # exactly 0 at sigma == sigma_min
+    c_skip = sd2 / (delta**2 + sd2)
+    c_out = sigma_data * delta / (sigma**2 + sd2).sqrt()
+    c_in = 1 / (sigma**2 + sd2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _backbone_dtype(backbone: nn.Module, default: torch.dtype) -> torch.dtype:
+    for p in backbone.parameters():
+        return p.dtype
+    return default
+
+
+def sigma_as_tensor(sigma: float | Tensor, x: Tensor) -> Tensor:
+    """``sigma`` (float, (B,) or (B, 1, 1, 1)) as a tensor of x's dtype/device broadcastable to (B, 1, ..., 1)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class _Precond(nn.Module):
+    """Shared body of the two wrappers: out = c_skip x + c_out F(c_in x, c_noise)."""
+
+    def __init__(
+        self, backbone: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0
+    ) -> None:
+        super().__init__()
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.backbone = backbone
+        self.sigma_data = float(sigma_data)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    def scalings(self, sigma: Tensor) -> Scalings:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, sigma: float | Tensor, class_labels: Tensor | None = None) -> Tensor:
+        dtype = _compute_dtype(x)
+        x = x.to(dtype)  # (B, C, H, W)
+        sigma = sigma_as_tensor(sigma, x)  # (B or 1, 1, 1, 1)
+        c_skip, c_out, c_in, c_noise = self.scalings(sigma)
+        noise_labels = c_noise.reshape(-1).expand(x.shape[0])  # (B,)
+        F_x = self.backbone((c_in * x).to(_backbone_dtype(self.backbone, dtype)), noise_labels, class_labels)
+        return c_skip * x + c_out * F_x.to(dtype)
+
+
+class EDMPrecond(_Precond):
+    """EDM denoiser D(x; sigma) around ``backbone`` (EDM Table 1, sigma_data = 0.5); the teacher.
+
+    ``forward(x, sigma, class_labels=None)``: ``sigma`` may be a float, a (B,) tensor or (B, 1, 1, 1).
+    """
+
+    def scalings(self, sigma: Tensor) -> Scalings:
+        return edm_scalings(sigma, self.sigma_data)
+
+
+class CMPrecond(_Precond):
+    """Consistency function f(x, sigma) around ``backbone`` with f(x, sigma_min) == x exactly (CM Eq. (7)).
+
+    ``forward(x, sigma, class_labels=None)``: ``sigma`` may be a float, a (B,) tensor or (B, 1, 1, 1), with
+    sigma_min <= sigma <= sigma_max.
+    """
+
+    def scalings(self, sigma: Tensor) -> Scalings:
+        return cm_scalings(sigma, self.sigma_data, self.sigma_min)
+
+    @classmethod
+    def from_edm(cls, edm: EDMPrecond) -> CMPrecond:
+        """A student whose backbone is a deep copy of the teacher's (CD initialises theta <- phi, CM Alg. 2)."""
+        return cls(copy.deepcopy(edm.backbone), edm.sigma_data, edm.sigma_min, edm.sigma_max)
+
