@@ -43,6 +43,7 @@ class StageDef:
     optional_inputs: tuple[str, ...] = ()
     cache_ignore: tuple[str, ...] = ()
     code_deps: tuple[str, ...] = ()
+    distributed: bool = False  # runs its own Ray Train workers; the stage task itself takes no CPU/GPU
     description: str = ""
 
     def code_fingerprint(self) -> str:
@@ -69,8 +70,13 @@ def stage(
     optional_inputs: tuple[str, ...] = (),
     cache_ignore: tuple[str, ...] = (),
     code_deps: tuple[str, ...] = (),
+    distributed: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Record a stage's kind, params model, version and inputs on the function (``fn.stage_def``)."""
+    """Record a stage's kind, params model, version and inputs on the function (``fn.stage_def``).
+
+    ``distributed=True`` marks a stage that starts its own Ray Train workers (``resources.workers`` of
+    ``resources`` each); its coordinating task is then scheduled with no CPU or GPU of its own.
+    """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         fn.stage_def = StageDef(  # type: ignore[attr-defined]
@@ -82,6 +88,7 @@ def stage(
             optional_inputs=optional_inputs,
             cache_ignore=cache_ignore,
             code_deps=code_deps,
+            distributed=distributed,
             description=inspect.getdoc(fn) or "",
         )
         return fn

@@ -59,19 +59,26 @@ class StackedRandomGenerator:
 
     def randn(self, size: Sequence[int], **kwargs) -> Tensor:
         rest = self._check(size)
-        return torch.stack([torch.randn(rest, generator=g, device=self.device, **kwargs) for g in self.generators])
+        return torch.stack(
+            [torch.randn(rest, generator=g, device=self.device, **kwargs) for g in self.generators]
+        )
 
     def randn_like(self, x: Tensor) -> Tensor:
         return self.randn(x.shape, dtype=x.dtype, layout=x.layout).to(x.device)
 
     def rand(self, size: Sequence[int], **kwargs) -> Tensor:
         rest = self._check(size)
-        return torch.stack([torch.rand(rest, generator=g, device=self.device, **kwargs) for g in self.generators])
+        return torch.stack(
+            [torch.rand(rest, generator=g, device=self.device, **kwargs) for g in self.generators]
+        )
 
     def randint(self, low: int, high: int, size: Sequence[int], **kwargs) -> Tensor:
         rest = self._check(size)
         return torch.stack(
-            [torch.randint(low, high, rest, generator=g, device=self.device, **kwargs) for g in self.generators]
+            [
+                torch.randint(low, high, rest, generator=g, device=self.device, **kwargs)
+                for g in self.generators
+            ]
         )
 
 
@@ -94,7 +101,9 @@ def randn(
         return generator.randn(shape, dtype=dtype).to(device)
     if generator is None:
         return torch.randn(tuple(shape), dtype=dtype, device=device)
-    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=_gen_device(generator)).to(device)
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=_gen_device(generator)).to(
+        device
+    )
 
 
 def randn_like(x: Tensor, generator: Generator | None = None) -> Tensor:
@@ -114,7 +123,9 @@ def rand(
         return generator.rand(shape, dtype=dtype).to(device)
     if generator is None:
         return torch.rand(tuple(shape), dtype=dtype, device=device)
-    return torch.rand(tuple(shape), generator=generator, dtype=dtype, device=_gen_device(generator)).to(device)
+    return torch.rand(tuple(shape), generator=generator, dtype=dtype, device=_gen_device(generator)).to(
+        device
+    )
 
 
 def randint(
@@ -130,7 +141,9 @@ def randint(
         return generator.randint(low, high, size).to(device)
     if generator is None:
         return torch.randint(low, high, tuple(size), device=device)
-    return torch.randint(low, high, tuple(size), generator=generator, device=_gen_device(generator)).to(device)
+    return torch.randint(low, high, tuple(size), generator=generator, device=_gen_device(generator)).to(
+        device
+    )
 
 
 def seed_batches(seeds: Sequence[int], max_batch_size: int) -> list[list[int]]:
@@ -179,11 +192,15 @@ def set_rng_state(device: torch.device | str, state: Tensor) -> None:
 def _fork(device: torch.device):
     if device.type == "cpu":
         return torch.random.fork_rng(devices=[], device_type="cpu")
-    index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+    index = (
+        device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+    )
     return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
-def call_with_shared_rng(device: torch.device | str, online: Callable[[], T], target: Callable[[], U]) -> tuple[T, U]:
+def call_with_shared_rng(
+    device: torch.device | str, online: Callable[[], T], target: Callable[[], U]
+) -> tuple[T, U]:
     """Run ``online()`` then ``target()`` starting from the same RNG state of ``device``; return both results.
 
     The online call consumes the device RNG as usual (the global stream advances once per loss call, so

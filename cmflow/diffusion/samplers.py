@@ -42,7 +42,7 @@ def edm_sampler(
     t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho, dtype=dtype, device=latents.device).flip(0)
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])  # t_N = 0
     x = latents.to(dtype) * t_steps[0]
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:], strict=True)):
         d = (x - denoiser(x, t_cur, class_labels=class_labels).to(dtype)) / t_cur
         x_next = x + (t_next - t_cur) * d
         if i < num_steps - 1:  # 2nd-order correction (EDM Alg. 1 lines 6-8)
@@ -65,7 +65,8 @@ def cm_sample(
     """Multistep consistency sampling (CM Algorithm 1); ``len(sigmas)`` network evaluations.
 
     ``sigmas`` = (tau_0 = T, tau_1, ..., tau_{K-1}), strictly decreasing, each in [sigma_min, T]. Then
-    x <- f(tau_0 z, tau_0); for each next tau: x <- f(x + sqrt(tau^2 - eps^2) z', tau), with fresh z' ~ N(0, I)
+    x <- f(tau_0 z, tau_0); for each next tau: x <- f(x + sqrt(tau^2 - eps^2) z', tau), with fresh z' ~ N(0,
+    I)
     from ``generator`` (global RNG if ``None``). Every f output is clamped to [-1, 1] (openai
     ``karras_sample(clip_denoised=True)``). One-step sampling: ``sigmas=[80.0]``; the 2-step CIFAR-10 iCT/ECT
     setting: ``[80.0, 0.821]``.
@@ -73,7 +74,7 @@ def cm_sample(
     sigmas = [float(s) for s in sigmas]
     if not sigmas:
         raise ValueError("sigmas must contain at least one noise level")
-    if any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] < sigma_min:
+    if any(b >= a for a, b in zip(sigmas, sigmas[1:], strict=False)) or sigmas[-1] < sigma_min:
         raise ValueError(f"sigmas must be strictly decreasing and >= sigma_min, got {sigmas}")
     x = model(latents * sigmas[0], sigmas[0], class_labels=class_labels).clamp(-1, 1)
     for sigma in sigmas[1:]:
@@ -94,7 +95,8 @@ def cm_sigmas_from_indices(
 
     Index 0 is sigma_max and index ``num_scales - 1`` is sigma_min (reference Sec. 5.1). A trailing
     ``num_scales - 1`` is dropped: in the openai sampler it only adds noise of std sqrt(eps^2 - eps^2) = 0 and
-    f(x, eps) = x, so ``(0, 22, 39)`` on 40 scales gives ``[80.0, 1.382...]`` (2 NFE, the CD ImageNet-64 setting).
+    f(x, eps) = x, so ``(0, 22, 39)`` on 40 scales gives ``[80.0, 1.382...]`` (2 NFE, the CD ImageNet-64
+    setting).
     """
     grid = karras_sigmas(num_scales, sigma_min, sigma_max, rho).flip(0)
     idx = [int(i) for i in indices]
@@ -111,7 +113,8 @@ def ternary_search_midpoint(
     hi: float = 80.0,
     num_iters: int = 12,
 ) -> tuple[float, float]:
-    """Ternary search for the 2-step midpoint tau_1 minimising ``score_fn`` (e.g. FID of samples from [T, tau_1]).
+    """Ternary search for the 2-step midpoint tau_1 minimising ``score_fn`` (e.g. FID of samples from [T,
+    tau_1]).
 
     The search runs over u = ln(sigma) in [ln lo, ln hi]: the Karras grid and the published midpoints (0.821,
     1.382, 1.526) are spread geometrically, and FID varies on that scale, so the unimodality that ternary

@@ -73,7 +73,8 @@ def ct_ema_rate(
     """CT target-EMA curriculum mu(k) = exp(s0 ln(mu0) / N(k)) (CM App. C).
 
     Code-vs-paper detail: the released code (``cm/script_util.py`` ``create_ema_and_scales_fn``, JAX
-    ``jcm/losses.py``) divides by N(k) - 1, the value before the final "+1" of :func:`ct_num_steps`. So at k = 0
+    ``jcm/losses.py``) divides by N(k) - 1, the value before the final "+1" of :func:`ct_num_steps`. So at k
+    = 0
     it gives mu0^2 (0.9025 for mu0 = 0.95) instead of mu0; late in training the two differ by < 1e-4.
     ``convention="code"`` (default) reproduces the released models, ``"paper"`` the formula as printed.
     """
@@ -83,7 +84,8 @@ def ct_ema_rate(
 
 
 def ict_num_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
-    """iCT exponential curriculum N(k) = min(s0 2^floor(k/K'), s1) + 1 with K' = floor(K / (log2 floor(s1/s0) + 1)).
+    """iCT exponential curriculum N(k) = min(s0 2^floor(k/K'), s1) + 1 with K' = floor(K / (log2 floor(s1/s0)
+    + 1)).
 
     iCT Sec. 3.4 (Song & Dhariwal 2023). With s0 = 10, s1 = 1280: 8 stages, N = 11, 21, 41, ..., 1281.
     """
@@ -125,5 +127,6 @@ def sample_lognormal_indices(
 
 
 def sample_uniform_indices(num: int, num_steps: int, generator: Generator | None = None) -> Tensor:
-    """Draw ``num`` pair indices n ~ U{0..N-2} (CM Alg. 2 / 3: paper n ~ U{1..N-1}). (num,) int64 on the CPU."""
+    """Draw ``num`` pair indices n ~ U{0..N-2} (CM Alg. 2 / 3: paper n ~ U{1..N-1}). (num,) int64 on the
+    CPU."""
     return randint(0, num_steps - 1, (num,), generator=generator, device="cpu")

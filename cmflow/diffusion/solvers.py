@@ -1,7 +1,9 @@
-"""One-step solvers of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (EDM Eq. (3), sigma(t) = t).
+"""One-step solvers of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (EDM Eq. (3), sigma(t)
+= t).
 
 ``denoiser(x, sigma, class_labels=...)`` is any D(x; sigma) (e.g. :class:`~cmflow.models.EDMPrecond`); it is
-called with ``sigma`` broadcastable against ``x`` (shape (B, 1, ..., 1)). ``t`` and ``t_next`` may be floats or
+called with ``sigma`` broadcastable against ``x`` (shape (B, 1, ..., 1)). ``t`` and ``t_next`` may be floats
+or
 (B,) tensors (one noise level per sample, as in CD). Both functions are pure: no RNG, no state.
 """
 
@@ -23,16 +25,25 @@ def _level(t: float | Tensor, x: Tensor) -> Tensor:
 
 
 def euler_step(
-    denoiser: Denoiser, x: Tensor, t: float | Tensor, t_next: float | Tensor, class_labels: Tensor | None = None
+    denoiser: Denoiser,
+    x: Tensor,
+    t: float | Tensor,
+    t_next: float | Tensor,
+    class_labels: Tensor | None = None,
 ) -> Tensor:
-    """Euler step: x' = x + (t' - t) d, d = (x - D(x; t)) / t (CM Sec. 4, the 1-NFE solver of the openai code)."""
+    """Euler step: x' = x + (t' - t) d, d = (x - D(x; t)) / t (CM Sec. 4, the 1-NFE solver of the openai
+    code)."""
     t, t_next = _level(t, x), _level(t_next, x)
     d = (x - denoiser(x, t, class_labels=class_labels)) / t
     return x + (t_next - t) * d
 
 
 def heun_step(
-    denoiser: Denoiser, x: Tensor, t: float | Tensor, t_next: float | Tensor, class_labels: Tensor | None = None
+    denoiser: Denoiser,
+    x: Tensor,
+    t: float | Tensor,
+    t_next: float | Tensor,
+    class_labels: Tensor | None = None,
 ) -> Tensor:
     """Heun step from ``t`` to ``t_next`` > 0 (EDM Alg. 1 lines 5-8; the CD teacher solver, 2 NFE).
 

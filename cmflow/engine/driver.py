@@ -175,10 +175,15 @@ def run_pipeline(
                     tracking=tracker.stage_payload(name) if tracker is not None else None,
                     reporter=runtime.hub,
                 )
+                options = (
+                    {"num_cpus": 0, "num_gpus": 0}
+                    if STAGES[stage.kind].distributed
+                    else stage.resources.ray_options()
+                )
                 ref = (
                     runtime.remote_stage()
                     .options(
-                        **stage.resources.ray_options(),
+                        **options,
                         max_retries=stage.retries,
                         retry_exceptions=[TransientError],
                         name=f"cmflow:{name}",

@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     train_s = time.perf_counter() - t0
 
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    blob = save_safetensors(state, metadata={"arch": "DigitsNet", "feature_dim": str(args.feature_dim)})
+    # one metadata key only: safetensors writes a multi-key map in random order, which changes the sha256
+    blob = save_safetensors(state, metadata={"cmflow": f"DigitsNet feature_dim={args.feature_dim}"})
     sha = hashlib.sha256(blob).hexdigest()
     net, _ = load_digits_net(blob)  # measure exactly what ships
     acc, correct = accuracy(net, split["test_images"], split["test_labels"])

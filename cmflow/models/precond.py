@@ -2,8 +2,10 @@
 
 * :class:`EDMPrecond` -- the EDM denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Eq. (7),
   Table 1), used for the teacher.
-* :class:`CMPrecond` -- the consistency function f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)) with
-  the boundary-condition scalings of CM Eq. (7) / App. C, shifted by eps = sigma_min so that c_skip(eps) = 1 and
+* :class:`CMPrecond` -- the consistency function f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t))
+with
+  the boundary-condition scalings of CM Eq. (7) / App. C, shifted by eps = sigma_min so that c_skip(eps) = 1
+  and
   c_out(eps) = 0, hence f(x, eps) == x bit-exactly for any backbone.
 
 Both use c_noise = 1/4 ln sigma (EDM; the JAX CM code for CIFAR-10). Scalings are computed in float32, or in
@@ -40,8 +42,10 @@ def edm_scalings(sigma: Tensor, sigma_data: float = 0.5) -> Scalings:
 def cm_scalings(sigma: Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002) -> Scalings:
     """Consistency-model scalings with the boundary condition at eps = ``sigma_min`` (CM Eq. (7), App. C).
 
-    c_skip = sigma_data^2 / ((sigma - eps)^2 + sigma_data^2), c_out = sigma_data (sigma - eps) / sqrt(sigma_data^2
-    + sigma^2) (the shift is in the numerator only), c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = 1/4 ln sigma.
+    c_skip = sigma_data^2 / ((sigma - eps)^2 + sigma_data^2), c_out = sigma_data (sigma - eps) /
+    sqrt(sigma_data^2
+    + sigma^2) (the shift is in the numerator only), c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = 1/4
+    ln sigma.
     ``sigma - eps`` is formed first, so at sigma == eps (same dtype) it is exactly 0 and c_skip = 1, c_out = 0
     exactly.
     """
@@ -66,7 +70,8 @@ def _backbone_dtype(backbone: nn.Module, default: torch.dtype) -> torch.dtype:
 
 
 def sigma_as_tensor(sigma: float | Tensor, x: Tensor) -> Tensor:
-    """``sigma`` (float, (B,) or (B, 1, 1, 1)) as a tensor of x's dtype/device broadcastable to (B, 1, ..., 1)."""
+    """``sigma`` (float, (B,) or (B, 1, 1, 1)) as a tensor of x's dtype/device broadcastable to (B, 1, ...,
+    1)."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -120,6 +125,6 @@ class CMPrecond(_Precond):
 
     @classmethod
     def from_edm(cls, edm: EDMPrecond) -> CMPrecond:
-        """A student whose backbone is a deep copy of the teacher's (CD initialises theta <- phi, CM Alg. 2)."""
+        """A student whose backbone is a deep copy of the teacher's (CD initialises theta <- phi, CM Alg.
+        2)."""
         return cls(copy.deepcopy(edm.backbone), edm.sigma_data, edm.sigma_min, edm.sigma_max)
-

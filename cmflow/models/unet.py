@@ -11,9 +11,11 @@ Layout (one encoder/decoder level per entry of ``channel_mult``; resolution halv
 
 Noise conditioning: ``noise_labels`` (the c_noise of the wrapper, e.g. 1/4 ln sigma) pass through a positional
 (transformer-style, EDM ``PositionalEmbedding``) or random Fourier (NCSN++, EDM ``FourierEmbedding``)
-embedding, a class embedding is added, then a 2-layer MLP gives ``emb``, which every residual block consumes as
+embedding, a class embedding is added, then a 2-layer MLP gives ``emb``, which every residual block consumes
+as
 an additive bias (DDPM++) or as an adaptive GroupNorm scale/shift (ADM ``use_scale_shift_norm``).
-The last convolution of each residual block, each attention projection and the output layer are zero-initialised
+The last convolution of each residual block, each attention projection and the output layer are
+zero-initialised
 (ADM ``zero_module``), so a freshly built UNet outputs exactly zero.
 """
 
@@ -32,7 +34,8 @@ __all__ = ["UNET_PRESETS", "UNet", "UNetConfig", "make_unet"]
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Architecture hyperparameters of :class:`UNet`; JSON-safe through :meth:`to_dict` / :meth:`from_dict`."""
+    """Architecture hyperparameters of :class:`UNet`; JSON-safe through :meth:`to_dict` /
+    :meth:`from_dict`."""
 
     img_resolution: int  # H = W of the input, e.g. 8, 32, 64
     in_channels: int  # C of the input x
@@ -121,7 +124,8 @@ class PositionalEmbedding(nn.Module):
 
 
 class FourierEmbedding(nn.Module):
-    """Random Fourier features of a scalar (NCSN++ / EDM ``FourierEmbedding``); frequencies ~ N(0, scale^2)."""
+    """Random Fourier features of a scalar (NCSN++ / EDM ``FourierEmbedding``); frequencies ~ N(0,
+    scale^2)."""
 
     def __init__(self, num_channels: int, scale: float = 16.0) -> None:
         super().__init__()
@@ -135,7 +139,8 @@ class FourierEmbedding(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Pre-activation residual block with embedding conditioning (DDPM++ / ADM), output scaled by 1/sqrt(2)."""
+    """Pre-activation residual block with embedding conditioning (DDPM++ / ADM), output scaled by
+    1/sqrt(2)."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, adaptive_scale: bool) -> None:
         super().__init__()
@@ -161,7 +166,8 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over pixels; q/k/v split as "(three heads dim)" (cf. CM issue #25 / PR #37)."""
+    """Multi-head self-attention over pixels; q/k/v split as "(three heads dim)" (cf. CM issue #25 / PR
+    #37)."""
 
     def __init__(self, channels: int, channels_per_head: int) -> None:
         super().__init__()
@@ -289,7 +295,9 @@ class UNet(nn.Module):
         emb = self.map_noise(noise_labels)  # (B, noise_ch)
         if self.map_label is not None:
             if class_labels is None:
-                raise ValueError(f"this UNet is class-conditional ({cfg.num_classes} classes): pass class_labels")
+                raise ValueError(
+                    f"this UNet is class-conditional ({cfg.num_classes} classes): pass class_labels"
+                )
             emb = emb + self.map_label(class_labels.reshape(-1).to(torch.long))
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb.to(self.map_layer0.weight.dtype)))))
         emb = emb.to(x.dtype)

@@ -1,0 +1,100 @@
+"""Model files: ``model.safetensors`` (weights) + ``model.json`` (config), no pickled code.
+
+``model.json``::
+
+    {"format": 1, "kind": "cm" | "edm", "unet": UNetConfig.to_dict(),
+     "precond": {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0},
+     "image": {"channels": C, "resolution": R}, "num_classes": 0, ...extra}
+
+The weights are the state dict of the preconditioned module (keys ``backbone.*``). Loading builds the
+classes named by ``kind`` from this config, then loads the tensors with ``strict=True``; a state dict in
+``.pt`` form is accepted only through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from cmflow.models.precond import CMPrecond, EDMPrecond
+from cmflow.models.unet import UNet, UNetConfig
+
+FORMAT = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "model.json"
+
+
+def model_config(model: EDMPrecond | CMPrecond, **extra: Any) -> dict[str, Any]:
+    unet: UNet = model.backbone  # type: ignore[assignment]
+    cfg = unet.config
+    return {
+        "format": FORMAT,
+        "kind": "cm" if isinstance(model, CMPrecond) else "edm",
+        "unet": cfg.to_dict(),
+        "precond": {"sigma_data": model.sigma_data, "sigma_min": model.sigma_min, "sigma_max": model.sigma_max},
+        "image": {"channels": cfg.in_channels, "resolution": cfg.img_resolution},
+        "num_classes": cfg.num_classes,
+        **extra,
+    }
+
+
+def weights_bytes(model: torch.nn.Module) -> bytes:
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    return st_save(state)
+
+
+def save_model(model: EDMPrecond | CMPrecond, out_dir: str | Path, **extra: Any) -> dict[str, Any]:
+    """Write ``model.safetensors`` and ``model.json`` into ``out_dir``; returns the config."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model_config(model, **extra)
+    (out_dir / WEIGHTS).write_bytes(weights_bytes(model))
+    (out_dir / CONFIG).write_text(json.dumps(config, indent=1, sort_keys=True))
+    return config
+
+
+def build_model(config: dict[str, Any]) -> EDMPrecond | CMPrecond:
+    """An untrained model of the architecture ``config`` describes."""
+    if config.get("format") != FORMAT or config.get("kind") not in {"cm", "edm"}:
+        raise ValueError(
+            f"model config has format {config.get('format')!r} / kind {config.get('kind')!r}; expected format "
+            f"{FORMAT} and kind 'cm' or 'edm'"
+        )
+    backbone = UNet(UNetConfig.from_dict(config["unet"]))
+    precond = config.get("precond", {})
+    cls = CMPrecond if config["kind"] == "cm" else EDMPrecond
+    return cls(backbone, **precond)
+
+
+def load_state(data: bytes) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors bytes, or from a ``.pt`` state dict read with ``weights_only=True``."""
+    if data[:8] and data[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
+        return st_load(data)
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("the file is not a state dict of tensors")
+    return state
+
+
+def load_model(weights: bytes | str | Path, config: dict[str, Any] | str | Path) -> EDMPrecond | CMPrecond:
+    """Build the model from its config and load its weights (strict); eval mode, on CPU."""
+    if isinstance(config, str | Path):
+        config = json.loads(Path(config).read_text())
+    data = Path(weights).read_bytes() if isinstance(weights, str | Path) else weights
+    model = build_model(config)
+    state = load_state(data)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not fit the {config['kind']} architecture in model.json: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    return model.eval()
