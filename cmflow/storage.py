@@ -61,7 +61,7 @@ def check_relpath(name: str) -> str:
     """Validate a relative artifact path: no absolute paths, no '..', no odd characters."""
     if not name or name.startswith("/") or "\\" in name:
         raise InputError(f"artifact file name {name!r} must be a relative POSIX path")
-    parts = PurePosixPath(name).parts
+    parts = name.split("/")
     for part in parts:
         if part in {".", ".."} or not _SAFE_PART.match(part):
             raise InputError(

@@ -29,8 +29,8 @@ class RayRuntime:
 
         os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
         if ray.is_initialized():
-            return
-        if self.address:
+            pass  # inside a Ray job, or a caller's own ray.init(): use that cluster
+        elif self.address:
             try:
                 ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:

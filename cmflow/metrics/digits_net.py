@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from cmflow.metrics.inception import read_weights_bytes
+from cmflow.metrics.inception import read_state_dict
 
 __all__ = [
     "DIGITS_WEIGHTS_FILE",
@@ -100,21 +99,21 @@ def shipped_digits_meta() -> dict[str, Any]:
 
 
 def load_digits_net(weights: bytes | str | os.PathLike[str] | None = None) -> tuple[DigitsNet, str]:
-    """Load :class:`DigitsNet` from safetensors bytes or a path; ``None`` = the shipped package file.
+    """Load :class:`DigitsNet` from weights bytes or a local path; ``None`` = the shipped package file.
 
+    ``weights`` may be safetensors or a ``torch.save``'d plain state dict (read with ``weights_only=True``).
     The shipped file is verified against the sha256 recorded in its JSON (``ValueError`` on mismatch).
     Returns ``(net in eval mode, sha256 of the weights bytes)``.
     """
     if weights is None:
         data = _weights_dir().joinpath(DIGITS_WEIGHTS_FILE).read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
         expected = shipped_digits_meta()["sha256"]
+        sha = hashlib.sha256(data).hexdigest()
         if sha != expected:
             raise ValueError(
                 f"shipped digits weights are corrupt: sha256 {sha} != recorded {expected}; "
                 "retrain with `python -m cmflow.metrics.train_digits_net --out cmflow/metrics/weights`"
             )
-    else:
-        data = read_weights_bytes(weights)
-        sha = hashlib.sha256(data).hexdigest()
-    return DigitsNet.from_state_dict(load_safetensors(data)), sha
+        weights = data
+    state_dict, sha = read_state_dict(weights)
+    return DigitsNet.from_state_dict(state_dict), sha

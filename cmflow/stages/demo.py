@@ -56,7 +56,6 @@ def arrays(params: ArraysParams, inputs: dict[str, Artifact], ctx: StageContext)
     """
     import numpy as np
 
-    start = time.time()
     marker = params.transient_failures_marker
     if marker and not os.path.exists(marker):
         with open(marker, "w") as handle:
@@ -70,7 +69,7 @@ def arrays(params: ArraysParams, inputs: dict[str, Artifact], ctx: StageContext)
     values = np.random.default_rng(params.seed).standard_normal(params.n)
     _save(ctx, "values.npy", values)
     ctx.log_metrics(0, mean=float(values.mean()))
-    return {"n": params.n, "sum": float(values.sum()), "started": start, "ended": time.time()}
+    return {"n": params.n, "sum": float(values.sum())}
 
 
 @stage("demo.reduce", params=ReduceParams, version="1", optional_inputs=("a", "b", "c", "d"),
@@ -83,9 +82,8 @@ def reduce(params: ReduceParams, inputs: dict[str, Artifact], ctx: StageContext)
     """
     import numpy as np
 
-    start = time.time()
     time.sleep(params.sleep_s)
     arrays_in = [_load(art, "values.npy") for _, art in sorted(inputs.items())]
     total = params.scale * (np.sum(arrays_in, axis=0) if arrays_in else np.zeros(1))
     _save(ctx, "values.npy", total)
-    return {"sum": float(np.sum(total)), "inputs": sorted(inputs), "started": start, "ended": time.time()}
+    return {"sum": float(np.sum(total)), "inputs": sorted(inputs)}

@@ -1,0 +1,101 @@
+"""The CLI through Typer's CliRunner and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cmflow.cli.main import app, main
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = """
+name: clidemo
+storage: {root: %s}
+tracking: {enabled: false}
+stages:
+  a: {kind: demo.arrays, params: {n: 4}}
+  b: {kind: demo.reduce, inputs: {a: a}}
+"""
+
+
+@pytest.fixture()
+def spec_file(tmp_path: Path) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(SPEC % (tmp_path / "root"))
+    return path
+
+
+def test_validate_plan_schema(spec_file: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["validate", str(spec_file)])
+    assert result.exit_code == 0 and "ok — pipeline 'clidemo', 2 stages: a -> b" in result.output
+    result = runner.invoke(app, ["plan", str(spec_file)])
+    assert result.exit_code == 0 and "run" in result.output
+    result = runner.invoke(app, ["schema", "--stage", "demo.arrays"])
+    assert json.loads(result.output)["properties"]["n"]["default"] == 16
+
+
+def test_errors_are_one_line_with_exit_codes(spec_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(spec_file), "--set", "stages.a.params.n=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "stages.a.params.n" in err
+    assert main(["validate", "/nope.yaml"]) == 2
+    assert main(["run", "--bogus"]) == 2
+    assert "No such option: --bogus; see `cmflow run --help`" in capsys.readouterr().err
+    assert main(["status", "no-such-run", "--root", str(spec_file.parent / "root")]) == 2
+    assert main(["schema", "--stage", "nope"]) == 2
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_run_status_explain_and_runs_list(spec_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = str(spec_file.parent / "root")
+    assert main(["run", str(spec_file)]) == 0
+    out = capsys.readouterr().out
+    assert "succeeded" in out
+    assert main(["run", str(spec_file), "--set", "stages.a.params.n=5"]) == 0
+    capsys.readouterr()
+    assert main(["runs", "list", "--root", root]) == 0
+    assert "clidemo" in capsys.readouterr().out
+    assert main(["runs", "list", "--root", root, "--json"]) == 0
+    run_ids = [json.loads(line)["run_id"] for line in capsys.readouterr().out.splitlines()]
+    assert len(run_ids) == 2
+    assert main(["status", run_ids[-1], "--root", root, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["stages"]["a"]["status"] == "done"
+    assert main(["cache", "explain", run_ids[-1], "a", "--root", root]) == 0
+    explained = capsys.readouterr().out
+    assert "params.n" in explained and "changed" in explained
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_failed_run_exits_1_and_resume(spec_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = str(spec_file.parent / "root")
+    assert main(["run", str(spec_file), "--set", "stages.a.params.fail=true", "--run-id", "clidemo-r1"]) == 1
+    err = capsys.readouterr().err
+    assert "error: run clidemo-r1 failed" in err and "Traceback" not in err
+    assert main(["resume", "clidemo-r1", "--root", root, "--set", "stages.a.params.fail=false"]) == 0
+
+
+def test_real_subprocess_help_is_fast_and_validate_works(spec_file: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    code = "import sys, cmflow.cli.main as m; m.main(['--help']); print(sorted(k for k in ('torch','ray','mlflow') if k in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip().endswith("[]"), "heavy modules imported by --help"
+    exe = Path(sys.executable).with_name("cmflow")
+    start = time.time()
+    done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "validate" in done.stdout
+    assert time.time() - start < 30  # generous: a sanity bound, the benchmark measures it
+    done = subprocess.run([str(exe), "validate", str(spec_file)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "ok" in done.stdout
+    bad = spec_file.with_name("bad.yaml")
+    bad.write_text("name: x\nstages: {a: {kind: nope}}\n")
+    done = subprocess.run([str(exe), "validate", str(bad)], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1

@@ -1,0 +1,121 @@
+"""The engine on a real local Ray: concurrency, cache hits, retries of transient errors, resume."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cmflow.engine import RunRecord, plan, run_pipeline, storage_for
+from cmflow.errors import ClusterError
+from cmflow.spec import PipelineSpec, validate_spec
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def diamond(root: str, options: dict[str, Any] | None = None, **overrides: Any) -> PipelineSpec:
+    raw: dict[str, Any] = {
+        "name": "diamond",
+        "storage": {"root": root, "options": options or {}},
+        "tracking": {"enabled": False},
+        "stages": {
+            "source": {"kind": "demo.arrays", "params": {"n": 8}},
+            "left": {"kind": "demo.arrays", "params": {"n": 8, "seed": 1, "sleep_s": 2.5}, "inputs": {}},
+            "right": {"kind": "demo.arrays", "params": {"n": 8, "seed": 2, "sleep_s": 2.5}},
+            "total": {"kind": "demo.reduce", "inputs": {"a": "left", "b": "right", "c": "source"}},
+        },
+    }
+    for path, value in overrides.items():
+        node = raw
+        *parents, last = path.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return validate_spec(raw)
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def statuses(record: RunRecord) -> dict[str, str]:
+    return {name: s.status for name, s in record.stages.items()}
+
+
+def test_diamond_branches_overlap_and_rerun_hits(tmp_path: Path) -> None:
+    spec = diamond(str(tmp_path / "root"))
+    assert {r.decision for r in plan(spec)} == {"run", "run (upstream runs)"}
+    record = run_pipeline(spec)
+    assert record.status == "succeeded", record.error
+    left, right = record.stages["left"], record.stages["right"]
+    # Sequential branches would need >= 5 s; concurrent ones finish within ~one sleep (plus dispatch).
+    assert ts(left.started_at) < ts(right.ended_at) and ts(right.started_at) < ts(left.ended_at)
+    assert max(ts(left.ended_at), ts(right.ended_at)) - min(ts(left.started_at), ts(right.started_at)) < 4.5
+    expected = left.meta["sum"] + right.meta["sum"] + record.stages["source"].meta["sum"]
+    assert record.stages["total"].meta["sum"] == pytest.approx(expected)
+
+    assert [r.decision for r in plan(spec)] == ["hit"] * 4
+    again = run_pipeline(spec)
+    assert statuses(again) == dict.fromkeys(record.stages, "hit")
+    assert RunRecord.load(storage_for(spec), again.run_id).status == "succeeded"
+
+
+def test_no_cache_recompute_with_identical_bytes_keeps_downstream_hits(tmp_path: Path) -> None:
+    spec = diamond(str(tmp_path / "root"), stages__left__params={"n": 8, "seed": 1})
+    spec = spec.model_copy(update={"stages": {**spec.stages, "right": spec.stages["source"]}})
+    run_pipeline(spec)
+    record = run_pipeline(spec, no_cache=["source"])
+    assert statuses(record) == {"source": "done", "left": "hit", "right": "hit", "total": "hit"}
+
+
+def test_changed_param_reruns_only_that_stage_and_downstream(tmp_path: Path) -> None:
+    spec = diamond(str(tmp_path / "root"), stages__left__params={"n": 8, "seed": 1})
+    run_pipeline(spec)
+    changed = diamond(str(tmp_path / "root"), stages__left__params={"n": 8, "seed": 7})
+    record = run_pipeline(changed)
+    assert statuses(record) == {"source": "hit", "left": "done", "right": "hit", "total": "done"}
+
+
+def test_transient_error_is_retried(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    spec = diamond(str(tmp_path / "root"),
+                   stages__source__params={"n": 8, "transient_failures_marker": str(marker)},
+                   stages__left__params={"n": 8}, stages__right__params={"n": 8, "seed": 2})
+    record = run_pipeline(spec)
+    assert marker.exists(), "the first attempt did not run"
+    assert record.status == "succeeded" and record.stages["source"].status == "done"
+
+
+def test_failed_stage_resumes_after_the_fix(tmp_path: Path) -> None:
+    root = str(tmp_path / "root")
+    broken = diamond(root, stages__left__params={"n": 8, "seed": 1, "fail": True},
+                     stages__right__params={"n": 8, "seed": 2})
+    record = run_pipeline(broken)
+    assert record.status == "failed"
+    assert statuses(record) == {"source": "done", "left": "failed", "right": "done", "total": "skipped"}
+    assert "was told to fail" in record.stages["left"].error and "\n" not in record.stages["left"].error
+    stored = RunRecord.load(storage_for(broken), record.run_id)
+    assert stored.status == "failed" and stored.stages["left"].status == "failed"
+
+    fixed = diamond(root, stages__left__params={"n": 8, "seed": 1, "fail": False},
+                    stages__right__params={"n": 8, "seed": 2})
+    resumed = run_pipeline(fixed, run_id=record.run_id)
+    assert resumed.run_id == record.run_id and resumed.attempts == 2
+    assert statuses(resumed) == {"source": "hit", "left": "done", "right": "hit", "total": "done"}
+
+
+def test_gpu_stage_on_cpu_cluster_fails_up_front(tmp_path: Path) -> None:
+    spec = diamond(str(tmp_path / "root"), stages__left__resources={"gpus": 1})
+    with pytest.raises(ClusterError, match=r"stage 'left' needs .*GPU=1.* no node .*set stages\.left\.resources\.gpus=0"):
+        run_pipeline(spec)
+    assert not list((tmp_path / "root" / "artifacts").glob("**/manifest.json"))
+
+
+def test_engine_on_s3(s3_root: tuple[str, dict[str, str]]) -> None:
+    root, options = s3_root
+    spec = diamond(root, options, stages__left__params={"n": 8, "seed": 1},
+                   stages__right__params={"n": 8, "seed": 2})
+    assert run_pipeline(spec).status == "succeeded"
+    assert set(statuses(run_pipeline(spec)).values()) == {"hit"}
