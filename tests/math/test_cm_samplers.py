@@ -76,7 +76,9 @@ def test_heun_per_sample_levels():
     t_next = t / 2
     out = heun_step(gaussian_denoiser, x, t, t_next)
     for i in range(3):
-        torch.testing.assert_close(out[i : i + 1], heun_step(gaussian_denoiser, x[i : i + 1], t[i], t_next[i]))
+        torch.testing.assert_close(
+            out[i : i + 1], heun_step(gaussian_denoiser, x[i : i + 1], t[i], t_next[i])
+        )
     with pytest.raises(ValueError):
         heun_step(gaussian_denoiser, x, 1.0, 0.0)
 
