@@ -45,8 +45,14 @@ def per_stage_overhead(root: str, length: int, repeats: int) -> tuple[float, flo
     from cmflow.spec import validate_spec
 
     start = time.perf_counter()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
     ray_start = time.perf_counter() - start
     try:
         spec = validate_spec(chain_spec(root, length))
@@ -77,16 +83,28 @@ def main() -> None:
         demo.write_text(json.dumps(chain_spec(str(Path(tmp) / "demo-root"), 4)))
         timed_run(["run", str(demo)])
         cached = [timed_run(["run", str(demo)]) for _ in range(args.repeats)]
-        rows.append(("fully cached rerun, 4 demo stages (fresh process)", f"{statistics.median(cached):.2f} s"))
+        rows.append(
+            ("fully cached rerun, 4 demo stages (fresh process)", f"{statistics.median(cached):.2f} s")
+        )
         if args.spec:
             timed_run(["run", args.spec])
             cached = [timed_run(["run", args.spec]) for _ in range(args.repeats)]
-            rows.append((f"fully cached rerun of {args.spec} (fresh process)",
-                         f"{statistics.median(cached):.2f} s (min {min(cached):.2f})"))
-        ray_start, per_stage_ms, lookup_ms = per_stage_overhead(str(Path(tmp) / "chain"), args.chain, args.repeats)
+            rows.append(
+                (
+                    f"fully cached rerun of {args.spec} (fresh process)",
+                    f"{statistics.median(cached):.2f} s (min {min(cached):.2f})",
+                )
+            )
+        ray_start, per_stage_ms, lookup_ms = per_stage_overhead(
+            str(Path(tmp) / "chain"), args.chain, args.repeats
+        )
         rows.append(("local Ray start (ray.init)", f"{ray_start:.2f} s"))
-        rows.append((f"no-op stage, forced miss (median of {args.repeats} × {args.chain}-stage chain)",
-                     f"{per_stage_ms:.0f} ms/stage"))
+        rows.append(
+            (
+                f"no-op stage, forced miss (median of {args.repeats} × {args.chain}-stage chain)",
+                f"{per_stage_ms:.0f} ms/stage",
+            )
+        )
         rows.append(("cache hit (lookup + verify + record)", f"{lookup_ms:.1f} ms/stage"))
     width = max(len(r[0]) for r in rows)
     print(f"\n| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")

@@ -85,8 +85,13 @@ def explain(current: dict[str, Any], previous: dict[str, Any] | None) -> list[tu
         if name == "inputs" and isinstance(value, dict):
             old_inputs = (previous or {}).get("inputs", {}) or {}
             for input_name, digest in value.items():
-                rows.append((f"inputs.{input_name}", digest[:16], _status(previous, old_inputs.get(input_name)
-                                                                           == digest)))
+                rows.append(
+                    (
+                        f"inputs.{input_name}",
+                        digest[:16],
+                        _status(previous, old_inputs.get(input_name) == digest),
+                    )
+                )
             continue
         same = previous is not None and previous.get(name) == value
         rows.append((name, _short(value), _status(previous, same)))

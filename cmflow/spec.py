@@ -45,7 +45,9 @@ class Resources(_Model):
     cpus: float = Field(1.0, ge=0, description="CPUs per task (or per Ray Train worker).")
     gpus: float = Field(0.0, ge=0, description="GPUs per task (or per Ray Train worker).")
     memory_gb: float | None = Field(None, gt=0, description="Memory per task in GiB (Ray `memory`).")
-    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources, e.g. {'gpu_a100': 1}.")
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources, e.g. {'gpu_a100': 1}."
+    )
     workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (training stages only).")
 
     @field_validator("custom")
@@ -86,7 +88,9 @@ class StageSpec(_Model):
     params: dict[str, Any] = Field(default_factory=dict, description="Validated by the kind's params model.")
     inputs: dict[str, str] = Field(default_factory=dict, description="input name -> upstream stage name.")
     resources: Resources = Field(default_factory=Resources)
-    retries: int = Field(2, ge=0, le=20, description="Retries on transient errors (network, store, lost worker).")
+    retries: int = Field(
+        2, ge=0, le=20, description="Retries on transient errors (network, store, lost worker)."
+    )
     cache: CacheSpec = Field(default_factory=CacheSpec)
 
 
@@ -96,6 +100,9 @@ class StorageSpec(_Model):
         default_factory=dict,
         description="fsspec storage options (endpoint_url, key, secret, ...); AWS_* env vars also work.",
     )
+    retries: int = Field(
+        6, ge=0, le=20, description="Retries of a transient storage error (backoff 0.5 s to 8 s)."
+    )
 
     @field_validator("root")
     @classmethod
@@ -103,7 +110,9 @@ class StorageSpec(_Model):
         if "://" in value:
             scheme = value.split("://", 1)[0]
             if scheme not in {"file", "s3", "memory"}:
-                raise ValueError(f"storage root scheme {scheme!r} is not supported; use a path, file:// or s3://")
+                raise ValueError(
+                    f"storage root scheme {scheme!r} is not supported; use a path, file:// or s3://"
+                )
         return value
 
 
@@ -249,7 +258,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"spec file {str(path)!r} does not exist; pass a YAML file such as pipelines/digits.yaml")
+        raise SpecError(
+            f"spec file {str(path)!r} does not exist; pass a YAML file such as pipelines/digits.yaml"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

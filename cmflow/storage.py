@@ -77,9 +77,19 @@ def _is_transient(exc: BaseException) -> bool:
         return True
     name = type(exc).__name__
     transient_names = {
-        "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
-        "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ClientPayloadError",
-        "ServerTimeoutError", "ProxyConnectionError", "SlowDown", "ServiceUnavailable", "InternalError",
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+        "ClientOSError",
+        "ClientPayloadError",
+        "ServerTimeoutError",
+        "ProxyConnectionError",
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
     }
     if name in transient_names:
         return True
@@ -260,6 +270,7 @@ class Storage:
     def put_file(self, local: str | Path, key: str) -> None:
         path = self.path(key)
         if self.is_local:
+
             def copy() -> None:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 shutil.copyfile(local, path)
@@ -278,8 +289,10 @@ class Storage:
 
         def ls() -> list[str]:
             try:
-                entries = self.fs.ls(path, detail=False, refresh=True) if not self.is_local else self.fs.ls(
-                    path, detail=False
+                entries = (
+                    self.fs.ls(path, detail=False, refresh=True)
+                    if not self.is_local
+                    else self.fs.ls(path, detail=False)
                 )
             except FileNotFoundError:
                 return []
@@ -350,8 +363,10 @@ class Storage:
             data = self.read_bytes(f"{prefix}/{MANIFEST}")
         except FileNotFoundError:
             return
-        self.write_json(f"{prefix}/quarantine/{stamp}.json", {"reason": reason, "manifest": data.decode("utf-8",
-                        "replace")})
+        self.write_json(
+            f"{prefix}/quarantine/{stamp}.json",
+            {"reason": reason, "manifest": data.decode("utf-8", "replace")},
+        )
         self.delete(f"{prefix}/{MANIFEST}")
 
     def commit(
@@ -396,7 +411,9 @@ class Storage:
             if winner is None or winner.attempt != attempt:
                 self.delete(f"{prefix}/attempts/{attempt}", recursive=True)
             if winner is None:
-                raise StorageError(f"manifest for {prefix} vanished during commit; re-run the stage") from None
+                raise StorageError(
+                    f"manifest for {prefix} vanished during commit; re-run the stage"
+                ) from None
             return winner
         manifest.uri = self.uri(prefix)
         return manifest

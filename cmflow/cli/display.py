@@ -12,7 +12,14 @@ from rich.table import Table
 
 from cmflow.engine.records import RunRecord
 
-STYLE = {"pending": "dim", "running": "yellow", "hit": "cyan", "done": "green", "failed": "red", "skipped": "dim"}
+STYLE = {
+    "pending": "dim",
+    "running": "yellow",
+    "hit": "cyan",
+    "done": "green",
+    "failed": "red",
+    "skipped": "dim",
+}
 
 
 def _bar(done: float, total: float, width: int = 20) -> str:
@@ -34,7 +41,9 @@ def _info(progress: dict[str, Any]) -> str:
     return " ".join(parts[:4])
 
 
-def stage_table(record: RunRecord, progress: dict[str, dict[str, Any]] | None = None, *, final: bool = False) -> Table:
+def stage_table(
+    record: RunRecord, progress: dict[str, dict[str, Any]] | None = None, *, final: bool = False
+) -> Table:
     table = Table(title=f"{record.run_id} — {record.status}", title_justify="left", expand=False)
     table.add_column("stage")
     table.add_column("kind", style="dim")
@@ -69,8 +78,11 @@ def stage_table(record: RunRecord, progress: dict[str, dict[str, Any]] | None = 
 
 
 def _meta_summary(meta: dict[str, Any]) -> str:
-    items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in meta.items()
-             if isinstance(v, int | float | str) and len(str(v)) < 24]
+    items = [
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in meta.items()
+        if isinstance(v, int | float | str) and len(str(v)) < 24
+    ]
     return " ".join(items[:5])
 
 
@@ -107,5 +119,8 @@ class LiveDisplay:
             self._last_line = time.time()
             for name, prog in progress.items():
                 if record.stages.get(name) and record.stages[name].status == "running":
-                    print(f"[cmflow] {name}: {_bar(prog.get('done', 0), prog.get('total', 0))} {_info(prog)}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"[cmflow] {name}: {_bar(prog.get('done', 0), prog.get('total', 0))} {_info(prog)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )

@@ -8,7 +8,12 @@ from typing import Annotated
 
 import typer
 
-SpecArg = Annotated[Path, typer.Argument(help="Pipeline spec (YAML), e.g. pipelines/digits.yaml.", metavar="SPEC", show_default=False)]
+SpecArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Pipeline spec (YAML), e.g. pipelines/digits.yaml.", metavar="SPEC", show_default=False
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a spec value: KEY=VALUE, e.g. stages.distill.params.lr=2e-4."),
@@ -18,7 +23,9 @@ NoCacheOpt = Annotated[
 ]
 RootOpt = Annotated[
     str | None,
-    typer.Option("--root", help="Storage root holding the runs (default: $CMFLOW_ROOT or ./cmflow-artifacts)."),
+    typer.Option(
+        "--root", help="Storage root holding the runs (default: $CMFLOW_ROOT or ./cmflow-artifacts)."
+    ),
 ]
 AddressOpt = Annotated[
     str | None, typer.Option("--address", help="Ray cluster address (default: start a local Ray).")

@@ -15,7 +15,9 @@ def run(
     set_: SetOpt = None,
     no_cache: NoCacheOpt = None,
     address: AddressOpt = None,
-    run_id: Annotated[str | None, typer.Option("--run-id", help="Use this run id (default: a new one).")] = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="Use this run id (default: a new one).")
+    ] = None,
 ) -> None:
     """Run a pipeline: cached stages are skipped, the rest run as Ray tasks. Prints a summary table."""
     from cmflow.spec import load_spec
@@ -36,8 +38,10 @@ def _run(spec, no_cache: list[str], address: str | None, run_id: str | None) -> 
         record = run_pipeline(spec, no_cache=no_cache, run_id=run_id, address=address, listener=display)
     Console().print(stage_table(record, final=True))
     if record.status != "succeeded":
-        raise StageError(f"run {record.run_id} {record.status}: {record.error}; fix it, then `cmflow resume "
-                         f"{record.run_id}`")
+        raise StageError(
+            f"run {record.run_id} {record.status}: {record.error}; fix it, then `cmflow resume "
+            f"{record.run_id}`"
+        )
     typer.echo(f"run {record.run_id} succeeded; artifacts under {spec.storage.root}")
 
 
@@ -80,8 +84,10 @@ def validate(spec_path: SpecArg, set_: SetOpt = None) -> None:
     from cmflow.spec import load_spec
 
     spec = load_spec(spec_path, set_ or [])
-    typer.echo(f"{spec_path}: ok — pipeline {spec.name!r}, {len(spec.stages)} stages: "
-               f"{' -> '.join(spec.topological_order())}")
+    typer.echo(
+        f"{spec_path}: ok — pipeline {spec.name!r}, {len(spec.stages)} stages: "
+        f"{' -> '.join(spec.topological_order())}"
+    )
 
 
 def status(
@@ -112,7 +118,9 @@ def status(
 
 
 def schema(
-    stage: Annotated[str | None, typer.Option("--stage", help="Only this stage kind's params schema.")] = None,
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="Only this stage kind's params schema.")
+    ] = None,
 ) -> None:
     """Print the pipeline spec's JSON Schema (with every stage kind's params schema)."""
     from cmflow.errors import UsageError

@@ -27,8 +27,16 @@ def list_(
     records = list_runs(Storage(default_root(root)))
     if as_json:
         for record in records:
-            typer.echo(json.dumps({"run_id": record.run_id, "pipeline": record.pipeline, "status": record.status,
-                                   "created_at": record.created_at}))
+            typer.echo(
+                json.dumps(
+                    {
+                        "run_id": record.run_id,
+                        "pipeline": record.pipeline,
+                        "status": record.status,
+                        "created_at": record.created_at,
+                    }
+                )
+            )
         return
     table = Table(title=f"runs under {default_root(root)}", title_justify="left")
     width = max((len(r.run_id) for r in records), default=3)

@@ -3,4 +3,13 @@
 from cmflow.engine.driver import PlanRow, load_output, plan, run_pipeline, storage_for
 from cmflow.engine.records import RunRecord, StageRecord, list_runs
 
-__all__ = ["PlanRow", "RunRecord", "StageRecord", "list_runs", "load_output", "plan", "run_pipeline", "storage_for"]
+__all__ = [
+    "PlanRow",
+    "RunRecord",
+    "StageRecord",
+    "list_runs",
+    "load_output",
+    "plan",
+    "run_pipeline",
+    "storage_for",
+]

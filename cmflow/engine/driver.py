@@ -36,7 +36,7 @@ class PlanRow:
 
 
 def storage_for(spec: PipelineSpec) -> Storage:
-    return Storage(spec.storage.root, spec.storage.options)
+    return Storage(spec.storage.root, spec.storage.options, retries=spec.storage.retries)
 
 
 def _components(spec: PipelineSpec, name: str, digests: dict[str, str]) -> dict[str, Any]:
@@ -66,7 +66,9 @@ def plan(spec: PipelineSpec, no_cache: Iterable[str] = ()) -> list[PlanRow]:
         components = _components(spec, name, digests)
         key = cache.cache_key(components)
         if name in forced or not stage.cache.enabled:
-            rows.append(PlanRow(name, stage.kind, "run (cache off)", key, "--no-cache or cache.enabled=false"))
+            rows.append(
+                PlanRow(name, stage.kind, "run (cache off)", key, "--no-cache or cache.enabled=false")
+            )
             continue
         found = cache.lookup(storage, stage.kind, key, repair=False)
         if found.hit and found.manifest is not None:
@@ -171,6 +173,7 @@ def run_pipeline(
                     resources=stage.resources,
                     storage_root=spec.storage.root,
                     storage_options=spec.storage.options,
+                    storage_retries=spec.storage.retries,
                     inputs={inp: manifests[up] for inp, up in stage.inputs.items()},
                     tracking=tracker.stage_payload(name) if tracker is not None else None,
                     reporter=runtime.hub,
@@ -209,7 +212,9 @@ def run_pipeline(
                 except Exception as exc:  # noqa: BLE001 - classified and recorded
                     cause = _cause(exc)
                     srec.status, srec.ended_at = "failed", utcnow()
-                    srec.error = str(cause) if isinstance(cause, CmflowError) else f"{type(cause).__name__}: {cause}"
+                    srec.error = (
+                        str(cause) if isinstance(cause, CmflowError) else f"{type(cause).__name__}: {cause}"
+                    )
                     srec.traceback = getattr(cause, "traceback", "") or ""
                     continue
                 manifest = Manifest.from_json(text)
@@ -250,7 +255,8 @@ def _finish(srec: StageRecord, status: str, manifest: Manifest) -> None:
         from datetime import datetime
 
         srec.seconds = round(
-            (datetime.fromisoformat(srec.ended_at) - datetime.fromisoformat(srec.started_at)).total_seconds(), 3
+            (datetime.fromisoformat(srec.ended_at) - datetime.fromisoformat(srec.started_at)).total_seconds(),
+            3,
         )
 
 
@@ -283,8 +289,10 @@ def load_output(spec: PipelineSpec, record: RunRecord, stage: str) -> Manifest:
     """The committed manifest of a stage of a finished run."""
     srec = record.stages.get(stage)
     if srec is None or srec.status not in {"hit", "done"}:
-        raise UsageError(f"stage {stage!r} of run {record.run_id} has no output (status: "
-                         f"{srec.status if srec else 'unknown'})")
+        raise UsageError(
+            f"stage {stage!r} of run {record.run_id} has no output (status: "
+            f"{srec.status if srec else 'unknown'})"
+        )
     manifest = storage_for(spec).load_manifest(srec.kind, srec.cache_key)
     if manifest is None:
         raise UsageError(f"the output of stage {stage!r} is gone from the store; re-run the pipeline")

@@ -33,6 +33,7 @@ class StageTask:
     resources: Resources
     storage_root: str
     storage_options: dict[str, Any]
+    storage_retries: int = 6
     inputs: dict[str, str] = field(default_factory=dict)  # input name -> manifest JSON
     tracking: dict[str, Any] | None = None
     reporter: Any = None  # a ProgressHub actor handle, or None
@@ -77,7 +78,7 @@ def execute_stage(task: StageTask) -> str:
     from cmflow.stages import STAGES
 
     definition = STAGES[task.kind]
-    storage = Storage(task.storage_root, task.storage_options)
+    storage = Storage(task.storage_root, task.storage_options, retries=task.storage_retries)
     reporter = _ThrottledReporter(task.reporter) if task.reporter is not None else None
     scratch = Path(tempfile.mkdtemp(prefix=f"cmflow-{task.stage}-"))
     out_dir = scratch / "out"

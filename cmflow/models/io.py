@@ -37,7 +37,11 @@ def model_config(model: EDMPrecond | CMPrecond, **extra: Any) -> dict[str, Any]:
         "format": FORMAT,
         "kind": "cm" if isinstance(model, CMPrecond) else "edm",
         "unet": cfg.to_dict(),
-        "precond": {"sigma_data": model.sigma_data, "sigma_min": model.sigma_min, "sigma_max": model.sigma_max},
+        "precond": {
+            "sigma_data": model.sigma_data,
+            "sigma_min": model.sigma_min,
+            "sigma_max": model.sigma_max,
+        },
         "image": {"channels": cfg.in_channels, "resolution": cfg.img_resolution},
         "num_classes": cfg.num_classes,
         **extra,

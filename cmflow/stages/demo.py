@@ -62,7 +62,9 @@ def arrays(params: ArraysParams, inputs: dict[str, Artifact], ctx: StageContext)
             handle.write(ctx.run_id)
         raise TransientError("demo transient failure (the marker now exists, so a retry succeeds)")
     if params.fail:
-        raise StageError(f"stage {ctx.stage!r} was told to fail (params.fail=true); set it to false and resume")
+        raise StageError(
+            f"stage {ctx.stage!r} was told to fail (params.fail=true); set it to false and resume"
+        )
     for i in range(int(params.sleep_s * 10)):
         time.sleep(0.1)
         ctx.progress(i + 1, int(params.sleep_s * 10))
@@ -72,8 +74,13 @@ def arrays(params: ArraysParams, inputs: dict[str, Artifact], ctx: StageContext)
     return {"n": params.n, "sum": float(values.sum())}
 
 
-@stage("demo.reduce", params=ReduceParams, version="1", optional_inputs=("a", "b", "c", "d"),
-       cache_ignore=("sleep_s",))
+@stage(
+    "demo.reduce",
+    params=ReduceParams,
+    version="1",
+    optional_inputs=("a", "b", "c", "d"),
+    cache_ignore=("sleep_s",),
+)
 def reduce(params: ReduceParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
     """Sum the ``values.npy`` of every input, times ``scale``; writes ``values.npy``.
 

@@ -86,7 +86,9 @@ def test_failed_run_exits_1_and_resume(spec_file: Path, capsys: pytest.CaptureFi
 def test_real_subprocess_help_is_fast_and_validate_works(spec_file: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     code = "import sys, cmflow.cli.main as m; m.main(['--help']); print(sorted(k for k in ('torch','ray','mlflow') if k in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout
     assert out.strip().endswith("[]"), "heavy modules imported by --help"
     exe = Path(sys.executable).with_name("cmflow")
     start = time.time()

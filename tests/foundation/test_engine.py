@@ -80,9 +80,12 @@ def test_changed_param_reruns_only_that_stage_and_downstream(tmp_path: Path) -> 
 
 def test_transient_error_is_retried(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
-    spec = diamond(str(tmp_path / "root"),
-                   stages__source__params={"n": 8, "transient_failures_marker": str(marker)},
-                   stages__left__params={"n": 8}, stages__right__params={"n": 8, "seed": 2})
+    spec = diamond(
+        str(tmp_path / "root"),
+        stages__source__params={"n": 8, "transient_failures_marker": str(marker)},
+        stages__left__params={"n": 8},
+        stages__right__params={"n": 8, "seed": 2},
+    )
     record = run_pipeline(spec)
     assert marker.exists(), "the first attempt did not run"
     assert record.status == "succeeded" and record.stages["source"].status == "done"
@@ -90,8 +93,11 @@ def test_transient_error_is_retried(tmp_path: Path) -> None:
 
 def test_failed_stage_resumes_after_the_fix(tmp_path: Path) -> None:
     root = str(tmp_path / "root")
-    broken = diamond(root, stages__left__params={"n": 8, "seed": 1, "fail": True},
-                     stages__right__params={"n": 8, "seed": 2})
+    broken = diamond(
+        root,
+        stages__left__params={"n": 8, "seed": 1, "fail": True},
+        stages__right__params={"n": 8, "seed": 2},
+    )
     record = run_pipeline(broken)
     assert record.status == "failed"
     assert statuses(record) == {"source": "done", "left": "failed", "right": "done", "total": "skipped"}
@@ -99,8 +105,11 @@ def test_failed_stage_resumes_after_the_fix(tmp_path: Path) -> None:
     stored = RunRecord.load(storage_for(broken), record.run_id)
     assert stored.status == "failed" and stored.stages["left"].status == "failed"
 
-    fixed = diamond(root, stages__left__params={"n": 8, "seed": 1, "fail": False},
-                    stages__right__params={"n": 8, "seed": 2})
+    fixed = diamond(
+        root,
+        stages__left__params={"n": 8, "seed": 1, "fail": False},
+        stages__right__params={"n": 8, "seed": 2},
+    )
     resumed = run_pipeline(fixed, run_id=record.run_id)
     assert resumed.run_id == record.run_id and resumed.attempts == 2
     assert statuses(resumed) == {"source": "hit", "left": "done", "right": "hit", "total": "done"}
@@ -108,14 +117,17 @@ def test_failed_stage_resumes_after_the_fix(tmp_path: Path) -> None:
 
 def test_gpu_stage_on_cpu_cluster_fails_up_front(tmp_path: Path) -> None:
     spec = diamond(str(tmp_path / "root"), stages__left__resources={"gpus": 1})
-    with pytest.raises(ClusterError, match=r"stage 'left' needs .*GPU=1.* no node .*set stages\.left\.resources\.gpus=0"):
+    with pytest.raises(
+        ClusterError, match=r"stage 'left' needs .*GPU=1.* no node .*set stages\.left\.resources\.gpus=0"
+    ):
         run_pipeline(spec)
     assert not list((tmp_path / "root" / "artifacts").glob("**/manifest.json"))
 
 
 def test_engine_on_s3(s3_root: tuple[str, dict[str, str]]) -> None:
     root, options = s3_root
-    spec = diamond(root, options, stages__left__params={"n": 8, "seed": 1},
-                   stages__right__params={"n": 8, "seed": 2})
+    spec = diamond(
+        root, options, stages__left__params={"n": 8, "seed": 1}, stages__right__params={"n": 8, "seed": 2}
+    )
     assert run_pipeline(spec).status == "succeeded"
     assert set(statuses(run_pipeline(spec)).values()) == {"hit"}

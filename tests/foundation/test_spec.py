@@ -37,8 +37,13 @@ def test_valid_spec_fills_defaults_and_resolves_root(tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     spec = load_spec(write(tmp_path, VALID))
     assert spec.name == "demo" and spec.seed == 3
-    assert spec.stages["a"].params == {"n": 8, "seed": 0, "sleep_s": 0.0, "fail": False,
-                                       "transient_failures_marker": None}
+    assert spec.stages["a"].params == {
+        "n": 8,
+        "seed": 0,
+        "sleep_s": 0.0,
+        "fail": False,
+        "transient_failures_marker": None,
+    }
     assert spec.storage.root == str(tmp_path / "store")
     assert spec.topological_order() == ["a", "b", "total"]
     assert spec.downstream_of(["a"]) == {"a", "total"}
@@ -46,7 +51,9 @@ def test_valid_spec_fills_defaults_and_resolves_root(tmp_path: Path, monkeypatch
 
 
 def test_overrides_are_revalidated(tmp_path: Path) -> None:
-    spec = load_spec(write(tmp_path, VALID), ["stages.a.params.n=32", "seed=9", "stages.total.params.scale=1e-3"])
+    spec = load_spec(
+        write(tmp_path, VALID), ["stages.a.params.n=32", "seed=9", "stages.total.params.scale=1e-3"]
+    )
     assert spec.stages["a"].params["n"] == 32 and spec.seed == 9
     assert spec.stages["total"].params["scale"] == pytest.approx(1e-3)
     with pytest.raises(SpecError, match=r"stages\.a\.params\.n: Input should be greater than or equal to 1"):
@@ -68,28 +75,79 @@ def test_every_pipeline_file_validates() -> None:
 
 
 BAD = [
-    ("name: demo\nstages: {a: {kind: demo.arrays}}\nbogus: 1\n", r"^.*: bogus is not a known field; .*allowed: name"),
-    ("name: demo\nstages: {a: {kind: demo.arays}}\n", r"stages\.a\.kind 'demo\.arays' is not a stage kind; did you mean 'demo\.arrays'"),
-    ("name: demo\nstages: {a: {kind: demo.arrays, params: {nn: 3}}}\n", r"stages\.a\.params\.nn is not a known field; did you mean 'n'"),
-    ("name: demo\nstages: {a: {kind: demo.arrays, params: {n: abc}}}\n", r"stages\.a\.params\.n: Input should be a valid integer.*got 'abc'"),
-    ("name: demo\nstages: {a: {kind: demo.arrays, params: {n: -1}}}\n", r"stages\.a\.params\.n: Input should be greater than or equal to 1"),
+    (
+        "name: demo\nstages: {a: {kind: demo.arrays}}\nbogus: 1\n",
+        r"^.*: bogus is not a known field; .*allowed: name",
+    ),
+    (
+        "name: demo\nstages: {a: {kind: demo.arays}}\n",
+        r"stages\.a\.kind 'demo\.arays' is not a stage kind; did you mean 'demo\.arrays'",
+    ),
+    (
+        "name: demo\nstages: {a: {kind: demo.arrays, params: {nn: 3}}}\n",
+        r"stages\.a\.params\.nn is not a known field; did you mean 'n'",
+    ),
+    (
+        "name: demo\nstages: {a: {kind: demo.arrays, params: {n: abc}}}\n",
+        r"stages\.a\.params\.n: Input should be a valid integer.*got 'abc'",
+    ),
+    (
+        "name: demo\nstages: {a: {kind: demo.arrays, params: {n: -1}}}\n",
+        r"stages\.a\.params\.n: Input should be greater than or equal to 1",
+    ),
     ("stages: {a: {kind: demo.arrays}}\n", r"name is required"),
     ("name: demo\nstages: {}\n", r"stages: Value error, a pipeline needs at least one stage"),
-    ("name: Demo Pipeline\nstages: {a: {kind: demo.arrays}}\n", r"pipeline name 'Demo Pipeline' must be 1-63 characters"),
+    (
+        "name: Demo Pipeline\nstages: {a: {kind: demo.arrays}}\n",
+        r"pipeline name 'Demo Pipeline' must be 1-63 characters",
+    ),
     ("name: demo\nstages: {../evil: {kind: demo.arrays}}\n", r"stage name '\.\./evil' must be"),
-    ("name: demo\nstages: {r: {kind: demo.reduce, inputs: {a: nowhere}}}\n", r"stages\.r\.inputs\.a names stage 'nowhere', which is not declared"),
-    ("name: demo\nstages: {r: {kind: demo.reduce, inputs: {zz: r}}}\n", r"demo\.reduce takes no input 'zz'; it takes: a, b, c, d"),
-    ("name: demo\nstages:\n  x: {kind: demo.reduce, inputs: {a: y}}\n  y: {kind: demo.reduce, inputs: {a: x}}\n", r"stages form a cycle: x -> y -> x"),
-    ("name: demo\nstages: {a: {kind: demo.arrays, resources: {cpus: -1}}}\n", r"stages\.a\.resources\.cpus: Input should be greater than or equal to 0"),
-    ("name: demo\nstages: {a: {kind: demo.arrays, resources: {gpu: 1}}}\n", r"stages\.a\.resources\.gpu is not a known field; did you mean 'gpus'"),
-    ("name: demo\nstages: {a: {kind: demo.arrays, cache: {ignore: [nope]}}}\n", r"cache\.ignore names 'nope', which is not a param of demo\.arrays"),
-    ("name: demo\nstorage: {root: 'gs://bucket/x'}\nstages: {a: {kind: demo.arrays}}\n", r"storage root scheme 'gs' is not supported"),
-    ("name: demo\nstages: {a: {kind: demo.arrays, retries: 99}}\n", r"stages\.a\.retries: Input should be less than or equal to 20"),
+    (
+        "name: demo\nstages: {r: {kind: demo.reduce, inputs: {a: nowhere}}}\n",
+        r"stages\.r\.inputs\.a names stage 'nowhere', which is not declared",
+    ),
+    (
+        "name: demo\nstages: {r: {kind: demo.reduce, inputs: {zz: r}}}\n",
+        r"demo\.reduce takes no input 'zz'; it takes: a, b, c, d",
+    ),
+    (
+        "name: demo\nstages:\n  x: {kind: demo.reduce, inputs: {a: y}}\n  y: {kind: demo.reduce, inputs: {a: x}}\n",
+        r"stages form a cycle: x -> y -> x",
+    ),
+    (
+        "name: demo\nstages: {a: {kind: demo.arrays, resources: {cpus: -1}}}\n",
+        r"stages\.a\.resources\.cpus: Input should be greater than or equal to 0",
+    ),
+    (
+        "name: demo\nstages: {a: {kind: demo.arrays, resources: {gpu: 1}}}\n",
+        r"stages\.a\.resources\.gpu is not a known field; did you mean 'gpus'",
+    ),
+    (
+        "name: demo\nstages: {a: {kind: demo.arrays, cache: {ignore: [nope]}}}\n",
+        r"cache\.ignore names 'nope', which is not a param of demo\.arrays",
+    ),
+    (
+        "name: demo\nstorage: {root: 'gs://bucket/x'}\nstages: {a: {kind: demo.arrays}}\n",
+        r"storage root scheme 'gs' is not supported",
+    ),
+    (
+        "name: demo\nstages: {a: {kind: demo.arrays, retries: 99}}\n",
+        r"stages\.a\.retries: Input should be less than or equal to 20",
+    ),
     ("name: demo\nstages: [a, b]\n", r"stages: Input should be a valid dictionary"),
-    ("name: demo\nstages: {a: {kind: demo.arrays, params: {n: 2}\n", r"spec\.yaml: .* at line \d+, column \d+; fix the YAML syntax"),
+    (
+        "name: demo\nstages: {a: {kind: demo.arrays, params: {n: 2}\n",
+        r"spec\.yaml: .* at line \d+, column \d+; fix the YAML syntax",
+    ),
     ("- just\n- a list\n", r"the top level must be a mapping"),
-    ("name: demo\nseed: -3\nstages: {a: {kind: demo.arrays}}\n", r"seed: Input should be greater than or equal to 0"),
-    ("name: demo\nstages: {a: {kind: demo.arrays, resources: {custom: {fake_gpu: -2}}}}\n", r"custom resource 'fake_gpu' must be >= 0"),
+    (
+        "name: demo\nseed: -3\nstages: {a: {kind: demo.arrays}}\n",
+        r"seed: Input should be greater than or equal to 0",
+    ),
+    (
+        "name: demo\nstages: {a: {kind: demo.arrays, resources: {custom: {fake_gpu: -2}}}}\n",
+        r"custom resource 'fake_gpu' must be >= 0",
+    ),
 ]
 
 
@@ -112,8 +170,10 @@ def test_bad_override_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_redaction_of_secrets() -> None:
-    data = {"storage": {"options": {"key": "AKIA123", "secret": "s3cr3t", "endpoint_url": "http://h:1"}},
-            "tracking": {"uri": "http://bob:hunter2@mlflow:5000"}}
+    data = {
+        "storage": {"options": {"key": "AKIA123", "secret": "s3cr3t", "endpoint_url": "http://h:1"}},
+        "tracking": {"uri": "http://bob:hunter2@mlflow:5000"},
+    }
     text = json.dumps(redact(data))
     assert "AKIA123" not in text and "s3cr3t" not in text and "hunter2" not in text
     assert "http://h:1" in text and "bob:***@mlflow" in text

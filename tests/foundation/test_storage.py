@@ -30,14 +30,21 @@ def make_output(tmp_path: Path, name: str, payload: bytes) -> Path:
 
 
 def test_commit_and_read_back(storage: Storage, tmp_path: Path) -> None:
-    manifest = storage.commit("demo.kind", "ab" * 32, make_output(tmp_path, "o", b"x" * 1000), meta={"n": 1},
-                              producer={"run_id": "r1", "stage": "s"})
+    manifest = storage.commit(
+        "demo.kind",
+        "ab" * 32,
+        make_output(tmp_path, "o", b"x" * 1000),
+        meta={"n": 1},
+        producer={"run_id": "r1", "stage": "s"},
+    )
     assert set(manifest.files) == {"data.bin", "sub/info.json"}
     assert manifest.files["data.bin"]["size"] == 1000
     loaded = storage.load_manifest("demo.kind", "ab" * 32)
     assert loaded is not None and loaded.digest == manifest.digest and loaded.meta == {"n": 1}
     assert storage.read_artifact_file(loaded, "data.bin") == b"x" * 1000
-    assert storage.local_artifact_file(loaded, "sub/info.json", tmp_path / "cache").read_text() == '{"ok": true}'
+    assert (
+        storage.local_artifact_file(loaded, "sub/info.json", tmp_path / "cache").read_text() == '{"ok": true}'
+    )
     assert cache.lookup(storage, "demo.kind", "ab" * 32).hit
     with pytest.raises(InputError, match="has no file 'nope'"):
         storage.read_artifact_file(loaded, "nope")
@@ -97,8 +104,9 @@ def test_damaged_artifact_is_a_miss_then_recommitted(storage: Storage, tmp_path:
 def test_tampered_read_is_refused(tmp_path: Path) -> None:
     storage = Storage(str(tmp_path / "root"))
     manifest = storage.commit("demo.kind", "12" * 32, make_output(tmp_path, "o", b"abcdef"))
-    storage.write_bytes(f"{Storage.artifact_prefix('demo.kind', '12' * 32)}/attempts/{manifest.attempt}/data.bin",
-                        b"zzzzzz")
+    storage.write_bytes(
+        f"{Storage.artifact_prefix('demo.kind', '12' * 32)}/attempts/{manifest.attempt}/data.bin", b"zzzzzz"
+    )
     with pytest.raises(StorageError, match="does not match its sha256"):
         storage.read_artifact_file(manifest, "data.bin")
 
