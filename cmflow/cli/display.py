@@ -44,7 +44,10 @@ def _info(progress: dict[str, Any]) -> str:
 def stage_table(
     record: RunRecord, progress: dict[str, dict[str, Any]] | None = None, *, final: bool = False
 ) -> Table:
-    table = Table(title=f"{record.run_id} — {record.status}", title_justify="left", expand=False)
+    status = record.status
+    if final and record.driver_gone():
+        status = f"{status}, but its driver is gone — `cmflow resume {record.run_id}`"
+    table = Table(title=f"{record.run_id} — {status}", title_justify="left", expand=False)
     table.add_column("stage")
     table.add_column("kind", style="dim")
     table.add_column("status")

@@ -80,6 +80,18 @@ class RunRecord:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def driver_gone(self) -> bool:
+        """True when the record says running but its driver process (on this host) no longer exists."""
+        if self.status != "running" or self.driver.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(self.driver.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunRecord:
         stages = {name: StageRecord(**value) for name, value in data.pop("stages", {}).items()}

@@ -8,13 +8,16 @@ The backbone is a small MLP of c_noise that outputs a per-sample gain, F(x_in, c
 CMPrecond this family contains f* exactly, so any remaining error is the loss's fixed point plus optimisation
 error. We measure the learned gain g(sigma) = f(1, sigma) on a Karras grid and compare it with g*:
 
-* CD (N = 40, one Heun teacher step with the analytic denoiser, mu = 0): the N = 40 Heun discretisation error
-  of g* is 1.0 %; tolerance: max relative error 3 % (measured ~1.5 %); against the discrete Heun fixed point
-  (closed form, product of Heun step gains) 1.5 % (measured ~0.7 %).
-* CT (curriculum N(k), s0 = 2, s1 = 150, mu = 0): the CT fixed point for l2 at N = 151 is 1.9 % from g*;
-  tolerance: max 6 %, mean 4 % (measured ~3.0 % / 2.0 %).
+* CD (N = 40, one Heun teacher step with the analytic denoiser, mu = 0, l2, lambda = 1/dt): the N = 40 Heun
+  discretisation error of g* is 1.0 %; tolerance: max relative error 3 % (measured 1.05-1.5 % over 5 seeds);
+  against the discrete Heun fixed point (a closed-form product of Heun step gains) 2 %.
+* CT (curriculum N(k), s0 = 2, s1 = 150, mu = 0, l2, lambda = 1/dt): the l2 CT fixed point at N = 151 is 1.9 %
+  from g*; tolerance: max 6 %, mean 3 % (measured max 2.4-3.4 %, mean 1.3-1.9 % over 5 seeds).
 * iCT (pseudo-Huber, lognormal indices, lambda = 1/dt, N(k) from 11 to 161): tolerance max 4 %, mean 2.5 %
-  (measured ~2 % / 1 %).
+  (measured max 1.3-2.0 %, mean 0.7-1.2 % over 5 seeds).
+
+lambda = 1/dt (iCT's weighting, also offered for CD/CT) matters here: with lambda = 1 the small-sigma end,
+where c_out is small and gradients are weak, converges much more slowly (errors of 4-9 % after the same steps).
 """
 
 import math
@@ -96,31 +99,30 @@ def test_cd_converges_to_closed_form():
         f"CD: max rel. error vs f* {float(err.max()):.4f}, vs Heun fixed point {float(err_discrete.max()):.4f}"
     )
     assert float(err.max()) < 0.03
-    assert float(err_discrete.max()) < 0.015
+    assert float(err_discrete.max()) < 0.02
 
 
 def test_ct_converges_to_closed_form():
-    steps, s1 = 3000, 150
-    loss_fn = CTLoss(distance="l2")
+    steps, s1 = 2000, 150
+    loss_fn = CTLoss(distance="l2", weighting="inverse_dt")
     student = train(
         lambda f, x, k, g: loss_fn(f, f, x, num_scales=ct_num_steps(k, steps, 2, s1), generator=g),
         steps=steps,
-        batch=1024,
+        batch=512,
     )
     sigmas = karras_sigmas(200)
     err = ((learned_gain(student, sigmas) - exact_gain(sigmas)) / exact_gain(sigmas)).abs()
     print(f"CT: max rel. error vs f* {float(err.max()):.4f}, mean {float(err.mean()):.4f}")
-    assert float(err.max()) < 0.06 and float(err.mean()) < 0.04
+    assert float(err.max()) < 0.06 and float(err.mean()) < 0.03
 
 
 def test_ict_converges_to_closed_form():
-    steps = 2500
+    steps = 2000
     loss_fn = ICTLoss()
     student = train(
         lambda f, x, k, g: loss_fn(f, x, num_scales=ict_num_steps(k, steps, 10, 160), generator=g),
         steps=steps,
         batch=512,
-        lr=3e-3,
     )
     sigmas = karras_sigmas(200)
     err = ((learned_gain(student, sigmas) - exact_gain(sigmas)) / exact_gain(sigmas)).abs()

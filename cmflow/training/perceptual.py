@@ -1,0 +1,111 @@
+"""An LPIPS-style perceptual distance whose network is loaded from a URI (no downloads, no pickles).
+
+d(x, y) = sum_l mean_{h,w} sum_c w_{l,c} (phi_l(x) / ||phi_l(x)||_c - phi_l(y) / ||phi_l(y)||_c)^2
+(Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual Metric"), where
+``phi_l`` are the activations at the end of each stage of a plain conv/ReLU network and ``w_l`` the
+non-negative 1x1 "lin" weights (all ones if the file has none).
+
+A network folder holds ``perceptual.json`` and ``perceptual.safetensors``::
+
+    {"format": 1, "kind": "perceptual", "stages": [[64, 64], [128, 128], [256, 256, 256], ...],
+     "in_channels": 3, "pool": "avg" | "max", "mean": [...], "std": [...], "resolution": null | 8}
+
+``stages`` = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]] with ``pool: avg`` is
+the VGG16 of LPIPS as ``piq.LPIPS(replace_pooling=True)`` uses it (convert its weights to these names:
+``stages.<i>.<j>.weight/bias``, ``lins.<i>.weight``). Inputs are images in [0, 1] (what
+:func:`cmflow.diffusion.losses.distance` passes); ``resolution`` (if set) area-resizes them first, so a
+network trained at the data's native size is not run at 224 x 224.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cmflow.errors import InputError
+from cmflow.spec import redact_uri
+
+CONFIG = "perceptual.json"
+WEIGHTS = "perceptual.safetensors"
+
+
+class PerceptualDistance(nn.Module):
+    """LPIPS-style distance module: ``forward(x, y)`` with images in [0, 1] returns (B,) distances."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = dict(config)
+        in_ch = int(config.get("in_channels", 3))
+        self.pool = nn.AvgPool2d(2) if config.get("pool", "avg") == "avg" else nn.MaxPool2d(2)
+        self.stages = nn.ModuleList()
+        for widths in config["stages"]:
+            layers = nn.ModuleList()
+            for width in widths:
+                layers.append(nn.Conv2d(in_ch, int(width), 3, padding=1))
+                in_ch = int(width)
+            self.stages.append(layers)
+        self.lins = nn.ModuleList(nn.Conv2d(int(w[-1]), 1, 1, bias=False) for w in config["stages"])
+        for lin in self.lins:
+            nn.init.ones_(lin.weight)
+        mean = torch.tensor(config.get("mean", [0.5] * int(config.get("in_channels", 3))), dtype=torch.float32)
+        std = torch.tensor(config.get("std", [0.5] * int(config.get("in_channels", 3))), dtype=torch.float32)
+        self.register_buffer("mean", mean.reshape(1, -1, 1, 1))
+        self.register_buffer("std", std.reshape(1, -1, 1, 1))
+        self.resolution = config.get("resolution")
+        self.requires_grad_(False)
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        if x.shape[1] != self.mean.shape[1]:
+            x = x[:, : self.mean.shape[1]]  # grey expanded to RGB by the loss: take it back to one channel
+        if self.resolution is not None and x.shape[-1] != self.resolution:
+            x = F.interpolate(x, size=int(self.resolution), mode="area")
+        h = (x - self.mean) / self.std
+        taps = []
+        for index, layers in enumerate(self.stages):
+            if index:
+                h = self.pool(h)
+            for conv in layers:
+                h = F.relu(conv(h))
+            taps.append(h)
+        return taps
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for fx, fy, lin in zip(self.features(x), self.features(y), self.lins, strict=True):
+            nx = fx / (fx.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
+            ny = fy / (fy.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
+            total = total + lin((nx - ny).square()).mean(dim=(1, 2, 3))
+        return total
+
+
+def load_perceptual(weights: bytes, config: dict[str, Any]) -> PerceptualDistance:
+    """Build the module from its config and load its safetensors weights (strict, lins optional)."""
+    from safetensors.torch import load as st_load
+
+    if config.get("format") != 1 or config.get("kind") != "perceptual":
+        raise ValueError("not a perceptual-distance config (format 1, kind 'perceptual')")
+    module = PerceptualDistance(config)
+    state = st_load(weights)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("lins.", "mean", "std"))]
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return module.eval()
+
+
+def load_perceptual_uri(uri: str | None, options: dict[str, Any]) -> PerceptualDistance:
+    """The perceptual network in the folder ``uri`` (``perceptual.json`` + ``perceptual.safetensors``)."""
+    from cmflow.storage import open_uri
+
+    if not uri:
+        raise InputError("distance 'lpips' needs lpips_uri: a folder with perceptual.json + perceptual.safetensors")
+    base = uri.rstrip("/")
+    try:
+        config = json.loads(open_uri(f"{base}/{CONFIG}", options))
+        return load_perceptual(open_uri(f"{base}/{WEIGHTS}", options), config)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise InputError(f"{redact_uri(base)} is not a usable perceptual network ({exc})") from None
