@@ -139,9 +139,13 @@ def resolve_model_uri(client: Any, uri: str) -> ResolvedModel:
         model = registry_call(f"no logged model {name}", client.get_logged_model, name)
         return ResolvedModel(None, None, model.artifact_location)
     if alias is not None:
-        mv = registry_call(f"model {name!r} has no alias {alias!r}", client.get_model_version_by_alias, name, alias)
+        mv = registry_call(
+            f"model {name!r} has no alias {alias!r}", client.get_model_version_by_alias, name, alias
+        )
         version = mv.version
-    source = registry_call(f"no version {version} of {name!r}", client.get_model_version_download_uri, name, version)
+    source = registry_call(
+        f"no version {version} of {name!r}", client.get_model_version_download_uri, name, version
+    )
     return ResolvedModel(name, str(version), source)
 
 
@@ -209,7 +213,9 @@ def register_version(
         for key, value in tags.items():
             client.set_model_version_tag(name, existing.version, key, value)
     if alias:
-        registry_call(f"cannot set alias {alias}", client.set_registered_model_alias, name, alias, existing.version)
+        registry_call(
+            f"cannot set alias {alias}", client.set_registered_model_alias, name, alias, existing.version
+        )
     return client.get_model_version(name, existing.version)
 
 
@@ -269,7 +275,8 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, gate: Gat
     value = candidate.metrics.get(metric)
     if value is None or not math.isfinite(value):
         return Decision(
-            "reject", f"version {candidate.version} has no finite {metric}; evaluate it or promote with --force",
+            "reject",
+            f"version {candidate.version} has no finite {metric}; evaluate it or promote with --force",
             metric,
         )
     if gate.max_fid is not None and value > gate.max_fid:
@@ -277,35 +284,62 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, gate: Gat
             "reject", f"{metric} {value:.4g} > max_fid {gate.max_fid:.4g}", metric, value, None, gate.max_fid
         )
     if champion is None:
-        return _passed(gate, f"no champion yet and {metric} {value:.4g} passes the absolute gate", metric, value)
+        return _passed(
+            gate, f"no champion yet and {metric} {value:.4g} passes the absolute gate", metric, value
+        )
     best = champion.metrics.get(metric)
     if best is None or not math.isfinite(best):
         return Decision(
-            "reject", f"champion v{champion.version} has no finite {metric} to compare with; use --force",
-            metric, value,
+            "reject",
+            f"champion v{champion.version} has no finite {metric} to compare with; use --force",
+            metric,
+            value,
         )
-    if candidate.ref_stats_digest and champion.ref_stats_digest and (
-        candidate.ref_stats_digest != champion.ref_stats_digest
+    if (
+        candidate.ref_stats_digest
+        and champion.ref_stats_digest
+        and (candidate.ref_stats_digest != champion.ref_stats_digest)
     ):
         return Decision(
-            "reject", f"{metric} of v{candidate.version} and champion v{champion.version} use different "
-            "reference statistics; re-evaluate on the same reference or use --force", metric, value, best,
+            "reject",
+            f"{metric} of v{candidate.version} and champion v{champion.version} use different "
+            "reference statistics; re-evaluate on the same reference or use --force",
+            metric,
+            value,
+            best,
         )
     threshold = best * (1 + gate.tolerance)
     if value > threshold:
         return Decision(
-            "reject", f"{metric} {value:.4g} > champion v{champion.version}'s {best:.4g} x (1 + "
-            f"{gate.tolerance:g}) = {threshold:.4g}", metric, value, best, threshold,
+            "reject",
+            f"{metric} {value:.4g} > champion v{champion.version}'s {best:.4g} x (1 + "
+            f"{gate.tolerance:g}) = {threshold:.4g}",
+            metric,
+            value,
+            best,
+            threshold,
         )
     reason = f"{metric} {value:.4g} <= champion v{champion.version}'s {best:.4g} x (1 + {gate.tolerance:g})"
     return _passed(gate, reason, metric, value, best, threshold)
 
 
-def _passed(gate: Gate, reason: str, metric: str, value: float, best: float | None = None,
-            threshold: float | None = None) -> Decision:
+def _passed(
+    gate: Gate,
+    reason: str,
+    metric: str,
+    value: float,
+    best: float | None = None,
+    threshold: float | None = None,
+) -> Decision:
     if gate.policy == "manual":
-        return Decision("hold", f"{reason}; policy is manual: promote it with `cmflow models promote`",
-                        metric, value, best, threshold)
+        return Decision(
+            "hold",
+            f"{reason}; policy is manual: promote it with `cmflow models promote`",
+            metric,
+            value,
+            best,
+            threshold,
+        )
     return Decision("promote", reason, metric, value, best, threshold)
 
 
@@ -359,7 +393,9 @@ def ticket_name(name: str, alias: str, generation: int) -> str:
 def _state(client: Any, name: str, alias: str) -> _State:
     model = registry_call(f"no registered model {name!r}", client.get_registered_model, name)
     version = (model.aliases or {}).get(alias)
-    return _State(str(version) if version is not None else None, int(model.tags.get(_generation_tag(alias), 0)))
+    return _State(
+        str(version) if version is not None else None, int(model.tags.get(_generation_tag(alias), 0))
+    )
 
 
 def _now() -> str:
@@ -375,12 +411,19 @@ def _take_ticket(client: Any, name: str, alias: str, state: _State, to_version: 
     """
     target = state.generation + 1
     tags = {
-        TICKET_TAG: name, "cmflow.alias": alias, "cmflow.from": state.champion or "", "cmflow.to": to_version,
-        "cmflow.action": action, "cmflow.by": f"{socket.gethostname()}:{os.getpid()}", "cmflow.at": _now(),
+        TICKET_TAG: name,
+        "cmflow.alias": alias,
+        "cmflow.from": state.champion or "",
+        "cmflow.to": to_version,
+        "cmflow.action": action,
+        "cmflow.by": f"{socket.gethostname()}:{os.getpid()}",
+        "cmflow.at": _now(),
     }
     try:
         client.create_registered_model(
-            ticket_name(name, alias, target), tags=tags, description=f"cmflow promotion ticket for {name}; ignore"
+            ticket_name(name, alias, target),
+            tags=tags,
+            description=f"cmflow promotion ticket for {name}; ignore",
         )
     except Exception as exc:  # noqa: BLE001 - MlflowException
         if _exists(exc):
@@ -392,8 +435,15 @@ def _take_ticket(client: Any, name: str, alias: str, state: _State, to_version: 
     return True
 
 
-def _apply(client: Any, name: str, alias: str, generation: int, from_version: str | None, to_version: str,
-           action: str) -> None:
+def _apply(
+    client: Any,
+    name: str,
+    alias: str,
+    generation: int,
+    from_version: str | None,
+    to_version: str,
+    action: str,
+) -> None:
     """Move the alias (after winning ticket ``generation``): tags first, then the alias, then the counter."""
     if action == "promote":
         client.set_model_version_tag(name, to_version, PREVIOUS_TAG, from_version or "")
@@ -430,12 +480,16 @@ def _recover(client: Any, name: str, alias: str, state: _State, stale_after_s: f
     return f"; rolled forward an unfinished move to v{to_version} (ticket {ticket}, {age_s:.0f} s old)"
 
 
-def _move(client: Any, name: str, alias: str, seen: _State, to_version: str, action: str,
-          stale_after_s: float) -> tuple[bool, str]:
+def _move(
+    client: Any, name: str, alias: str, seen: _State, to_version: str, action: str, stale_after_s: float
+) -> tuple[bool, str]:
     """Compare-and-set the alias from ``seen`` to ``to_version``; (won, message)."""
     current = _state(client, name, alias)  # re-read just before moving
     if current != seen:
-        return False, f"{alias} moved from {seen.champion} to {current.champion} while deciding; run promote again"
+        return (
+            False,
+            f"{alias} moved from {seen.champion} to {current.champion} while deciding; run promote again",
+        )
     if _take_ticket(client, name, alias, seen, to_version, action):
         _apply(client, name, alias, seen.generation + 1, seen.champion, to_version, action)
         return True, ""
@@ -477,8 +531,14 @@ def promote(
         champion = candidate_of(client.get_model_version(name, seen.champion))
     decision = decide_promotion(candidate_of(mv), champion, gate)
     if force and decision.action in {"reject", "hold"}:
-        decision = Decision("promote", f"forced (the gate said: {decision.reason})", decision.metric,
-                            decision.candidate_value, decision.champion_value, decision.threshold)
+        decision = Decision(
+            "promote",
+            f"forced (the gate said: {decision.reason})",
+            decision.metric,
+            decision.candidate_value,
+            decision.champion_value,
+            decision.threshold,
+        )
     _record_gate(client, name, version, decision)
     if decision.action != "promote":
         outcome = {"reject": "rejected", "hold": "held", "noop": "noop"}[decision.action]
@@ -498,7 +558,9 @@ def _record_gate(client: Any, name: str, version: str, decision: Decision) -> No
     client.set_model_version_tag(name, version, GATE_TAG, report[:5000])
 
 
-def rollback(client: Any, name: str, *, alias: str = CHAMPION, stale_after_s: float = STALE_TICKET_S) -> Promotion:
+def rollback(
+    client: Any, name: str, *, alias: str = CHAMPION, stale_after_s: float = STALE_TICKET_S
+) -> Promotion:
     """Move ``alias`` back to the version recorded as the current holder's previous champion."""
     check_model_name(name)
     seen = _state(client, name, alias)
@@ -523,8 +585,9 @@ def require_promoted(result: Promotion) -> Promotion:
     """Raise :class:`GateRejected` unless ``result`` moved (or already had) the alias."""
     if result.outcome in {"promoted", "rolled_back", "noop"}:
         return result
-    raise GateRejected(f"v{result.version} of {result.model_name} was not promoted ({result.outcome}): "
-                       f"{result.message}")
+    raise GateRejected(
+        f"v{result.version} of {result.model_name} was not promoted ({result.outcome}): {result.message}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

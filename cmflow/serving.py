@@ -433,10 +433,11 @@ def log_pyfunc(
 
 
 def load_pyfunc(model_uri: str, tracking_uri: str | None = None) -> Any:
-    """Load ``models:/NAME@ALIAS`` (or any model URI) from ``tracking_uri`` as a pyfunc model.
+    """Load ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a model folder as a pyfunc model.
 
-    The files are downloaded with an explicit tracking/registry URI (not the process-global one) into a
-    temporary folder; the weights are in memory once loaded, so the folder is removed again.
+    ``models:/`` URIs are resolved with an explicit client for ``tracking_uri`` (MLflow's own resolver
+    reads the process-global registry URI), then the files are downloaded into a temporary folder; the
+    weights are in memory once loaded, so the folder is removed again.
     """
     import tempfile
 
@@ -445,16 +446,19 @@ def load_pyfunc(model_uri: str, tracking_uri: str | None = None) -> Any:
     from mlflow.exceptions import MlflowException
 
     from cmflow.errors import RegistryError
+    from cmflow.registry import client_for, resolve_model_uri
 
+    if not model_uri.startswith("models:/"):
+        return mlflow.pyfunc.load_model(model_uri)
+    client = client_for(tracking_uri)
+    source = resolve_model_uri(client, model_uri).source
     with tempfile.TemporaryDirectory(prefix="cmflow-load-") as tmp:
         try:
-            local = download_artifacts(
-                artifact_uri=model_uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
-            )
+            local = download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=client.tracking_uri)
             return mlflow.pyfunc.load_model(local)
         except MlflowException as exc:
             raise RegistryError(
-                f"cannot load {model_uri}: {exc.message}; list models and aliases with `cmflow models list`"
+                f"cannot load {model_uri} from {source}: {exc.message.splitlines()[0]}"
             ) from None
 
 

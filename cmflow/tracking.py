@@ -157,8 +157,9 @@ def _now_ms() -> int:
 class PipelineTracker:
     """The parent MLflow run of one pipeline run (driver side)."""
 
-    def __init__(self, spec: PipelineSpec, record: RunRecord, uri: str, client: Any, experiment: str,
-                 run_id: str) -> None:
+    def __init__(
+        self, spec: PipelineSpec, record: RunRecord, uri: str, client: Any, experiment: str, run_id: str
+    ) -> None:
         self.spec = spec
         self.cmflow_run_id = record.run_id
         self.uri = uri
@@ -195,11 +196,17 @@ class PipelineTracker:
         snapshot = spec.redacted()
         digest = hashlib.sha256(json.dumps(snapshot, sort_keys=True).encode()).hexdigest()
         tags = {
-            "cmflow.role": "pipeline", "cmflow.run_id": record.run_id, "cmflow.pipeline": spec.name,
-            "cmflow.spec_digest": digest, "cmflow.attempt": str(record.attempts), "mlflow.source.name": "cmflow",
+            "cmflow.role": "pipeline",
+            "cmflow.run_id": record.run_id,
+            "cmflow.pipeline": spec.name,
+            "cmflow.spec_digest": digest,
+            "cmflow.attempt": str(record.attempts),
+            "mlflow.source.name": "cmflow",
         }
         existing = client.search_runs(
-            [exp], f"tags.`cmflow.run_id` = '{record.run_id}' and tags.`cmflow.role` = 'pipeline'", max_results=1
+            [exp],
+            f"tags.`cmflow.run_id` = '{record.run_id}' and tags.`cmflow.role` = 'pipeline'",
+            max_results=1,
         )
         if existing:  # a resumed run keeps its parent run
             run_id = existing[0].info.run_id
@@ -262,7 +269,9 @@ class PipelineTracker:
         try:
             statuses = [s.status for s in record.stages.values()]
             now = _now_ms()
-            counts = {f"stages_{name}": float(statuses.count(name)) for name in ("hit", "done", "failed", "skipped")}
+            counts = {
+                f"stages_{name}": float(statuses.count(name)) for name in ("hit", "done", "failed", "skipped")
+            }
             log_metric_rows(self.client, self.run_id, [(k, v, now, 0) for k, v in counts.items()])
             self.client.set_tag(self.run_id, "cmflow.status", record.status)
             if record.error:
@@ -308,7 +317,9 @@ def _stage_tags(parent: str, stage: str, kind: str, cache_key: str, *, hit: bool
 class _MetricsTap:
     """Wraps ``ctx.reporter``: forwards every update and buffers ``log_metrics`` rows for MLflow."""
 
-    def __init__(self, inner: Any, tracker: StageTracker, flush_every_s: float = 5.0, max_rows: int = 500) -> None:
+    def __init__(
+        self, inner: Any, tracker: StageTracker, flush_every_s: float = 5.0, max_rows: int = 500
+    ) -> None:
         self.inner = inner
         self.tracker = tracker
         self.flush_every_s = flush_every_s
@@ -321,7 +332,9 @@ class _MetricsTap:
         if isinstance(row, Mapping):
             now, step = _now_ms(), int(row.get("step", 0))
             self.rows.extend(
-                (str(k), float(v), now, step) for k, v in row.items() if k != "step" and math.isfinite(float(v))
+                (str(k), float(v), now, step)
+                for k, v in row.items()
+                if k != "step" and math.isfinite(float(v))
             )
             if len(self.rows) >= self.max_rows or time.monotonic() - self._last >= self.flush_every_s:
                 self.flush()
@@ -386,7 +399,12 @@ class StageTracker:
         else:  # the reporter was not tapped: log the rows now
             now = _now_ms()
             self.send_metrics(
-                [(k, float(v), now, int(r.get("step", 0))) for r in metrics for k, v in r.items() if k != "step"]
+                [
+                    (k, float(v), now, int(r.get("step", 0)))
+                    for r in metrics
+                    for k, v in r.items()
+                    if k != "step"
+                ]
             )
         try:
             self.client.set_tag(self.run_id, "cmflow.manifest_uri", redact_uri(manifest.uri))
@@ -430,7 +448,11 @@ def _ray_tags() -> dict[str, str]:
         if not ray.is_initialized():
             return {}
         rc = ray.get_runtime_context()
-        ids = {"ray.task_id": rc.get_task_id(), "ray.node_id": rc.get_node_id(), "ray.job_id": rc.get_job_id()}
+        ids = {
+            "ray.task_id": rc.get_task_id(),
+            "ray.node_id": rc.get_node_id(),
+            "ray.job_id": rc.get_job_id(),
+        }
         return {k: str(v) for k, v in ids.items() if v}
     except Exception:  # noqa: BLE001 - best effort
         return {}

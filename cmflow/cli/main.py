@@ -8,6 +8,11 @@ import sys
 import typer
 
 from cmflow.cli import cache, run, runs
+from cmflow.cli import models as models_cli
+from cmflow.cli import sample as sample_cli
+from cmflow.cli import schedule as schedule_cli
+from cmflow.cli import scheduler as scheduler_cli
+from cmflow.cli import submit as submit_cli
 
 app = typer.Typer(
     name="cmflow",
@@ -24,6 +29,14 @@ app.command()(run.status)
 app.command()(run.schema)
 app.add_typer(runs.app, name="runs")
 app.add_typer(cache.app, name="cache")
+app.add_typer(models_cli.app, name="models")
+app.command()(sample_cli.sample)
+app.command()(sample_cli.edit)
+app.command()(submit_cli.submit)
+app.command()(submit_cli.logs)
+app.command()(submit_cli.stop)
+app.add_typer(schedule_cli.app, name="schedule")
+app.add_typer(scheduler_cli.app, name="scheduler")
 
 
 @app.callback()

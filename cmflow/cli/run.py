@@ -52,10 +52,13 @@ def resume(
     address: AddressOpt = None,
 ) -> None:
     """Re-run a run's spec snapshot under the same run id: finished stages are cache hits."""
+    from cmflow.cli.submit import resume_submitted
     from cmflow.engine.records import RunRecord
     from cmflow.spec import apply_overrides, validate_spec
     from cmflow.storage import Storage
 
+    if resume_submitted(Storage(default_root(root)), run_id, set_ or []):
+        return  # a run submitted to a cluster is resubmitted there
     record = RunRecord.load(Storage(default_root(root)), run_id)
     spec = validate_spec(apply_overrides(record.spec, set_ or []), source=f"run {run_id}")
     _run(spec, [], address, run_id)
@@ -110,6 +113,10 @@ def status(
             raise UsageError(f"no runs under {storage.uri()}; start one with `cmflow run SPEC`")
         record = runs[-1]
     else:
+        from cmflow.cli.submit import show_submitted
+
+        if show_submitted(storage, run_id, as_json):
+            return  # a run submitted to a cluster: Ray job status + run record
         record = RunRecord.load(storage, run_id)
     if as_json:
         typer.echo(json.dumps(record.to_dict(), indent=1))

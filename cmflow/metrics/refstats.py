@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from cmflow.metrics.reference import ReferenceStats, reference_key, stats_digest, stats_from_bytes, stats_to_bytes
+from cmflow.metrics.reference import (
+    ReferenceStats,
+    reference_key,
+    stats_digest,
+    stats_from_bytes,
+    stats_to_bytes,
+)
 
 __all__ = [
     "REFERENCE_KIND",

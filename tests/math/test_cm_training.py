@@ -84,9 +84,9 @@ def train(step_loss, steps: int, batch: int, lr: float = 1e-2, seed: int = 0) ->
 
 def test_cd_converges_to_closed_form():
     n = 40
-    loss_fn = CDLoss(num_scales=n, distance="l2")
+    loss_fn = CDLoss(num_scales=n, distance="l2", weighting="inverse_dt")
     student = train(
-        lambda f, x, k, g: loss_fn(f, f, gaussian_denoiser, x, generator=g), steps=3000, batch=256
+        lambda f, x, k, g: loss_fn(f, f, gaussian_denoiser, x, generator=g), steps=2000, batch=256
     )
     sigmas = karras_sigmas(n)
     gain = learned_gain(student, sigmas)

@@ -1,0 +1,209 @@
+"""``distill`` (consistency distillation, CD) and ``train_cm`` (consistency training, CT / iCT) on Ray Train.
+
+Both run ``resources.workers`` Ray Train workers (:mod:`cmflow.training.ray_train`) with checkpoints under
+the stage's work folder (a rerun resumes), then write the evaluation EMA of the student as
+``model.safetensors`` + ``model.json`` (kind "cm"; ``sampling.two_step_sigmas = [80, midpoint_sigma]``),
+the raw student as ``online.safetensors``, ``metrics.jsonl`` (loss and img/s per log step) and the sample
+grids ``samples-1step.png`` / ``samples-2step.png``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from cmflow.stage import Artifact, ParamsModel, StageContext, stage
+from cmflow.stages.teacher import TRAINING_DEPS, Preset
+
+CM_DEPS = (*TRAINING_DEPS, "cmflow.training.ray_train", "cmflow.training.perceptual")
+IGNORED = ("log_every", "max_failures", "pid_dir")
+
+
+class _ConsistencyParams(ParamsModel):
+    lr: float = Field(1e-4, gt=0)
+    optimizer: Literal["adam", "radam"] = "adam"
+    lr_warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(128, ge=1, description="Global batch, split evenly over the Ray Train workers.")
+    steps: int = Field(2000, ge=0)
+    ema_rate: float = Field(0.999, ge=0, le=1, description="Evaluation EMA of the student (with warm-up).")
+    distance: Literal["l2", "l1", "pseudo_huber", "lpips"] = "l2"
+    huber_c: float | None = Field(None, gt=0, description="pseudo-Huber c (default 0.00054 sqrt(C H W)).")
+    lpips_uri: str | None = Field(
+        None, description="distance=lpips: folder with perceptual.json + perceptual.safetensors."
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for lpips_uri.")
+    weighting: Literal["uniform", "inverse_dt"] = "uniform"
+    midpoint_sigma: float = Field(0.8, gt=0.002, lt=80, description="tau of the default 2-step sampler [80, tau].")
+    seed: int = Field(0, ge=0, description="Combined with the pipeline seed.")
+    checkpoint_every: int = Field(500, ge=0, description="Steps between checkpoints (0: only the final one).")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Stop early after this much training time (makes the output time-dependent)."
+    )
+    grid_samples: int = Field(64, ge=0, le=1024, description="Samples per grid PNG (0: no grids).")
+    log_every: int = Field(50, ge=1, description="Steps between metric rows (not part of the cache key).")
+    max_failures: int = Field(3, ge=0, description="Ray Train restarts after lost workers (not in the cache key).")
+    pid_dir: str | None = Field(None, description="Testing only: workers write rank<i>.pid files here.")
+
+    @model_validator(mode="after")
+    def _lpips_uri(self) -> _ConsistencyParams:
+        if (self.distance == "lpips") != bool(self.lpips_uri):
+            raise ValueError("lpips_uri is required with distance 'lpips' and only allowed with it")
+        return self
+
+
+class DistillParams(_ConsistencyParams):
+    num_scales: int = Field(18, ge=2, description="N, the Karras grid size (CM: 18 CIFAR-10, 40 ImageNet-64).")
+    mu: float = Field(0.95, ge=0, le=1, description="Target EMA rate mu (theta- <- mu theta- + (1-mu) theta).")
+
+
+class TrainCMParams(_ConsistencyParams):
+    method: Literal["ct", "ict"] = "ict"
+    preset: Preset = Field("digits", description="UNet preset of the (freshly initialised) network.")
+    unet: dict[str, Any] = Field(default_factory=dict, description="Overrides of the preset's UNetConfig.")
+    s0: int = Field(0, ge=0, description="Curriculum start N (default: 2 for CT, 10 for iCT).")
+    s1: int = Field(0, ge=0, description="Curriculum end N (default: 150 for CT, 1280 for iCT).")
+    mu0: float = Field(0.9, ge=0, lt=1, description="CT: mu(0) of the target-EMA curriculum.")
+    p_mean: float = Field(-1.1, description="iCT: lognormal noise-level mean.")
+    p_std: float = Field(2.0, gt=0, description="iCT: lognormal noise-level std.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        ict = data.get("method", "ict") == "ict"
+        filled = dict(data)
+        filled.setdefault("s0", 10 if ict else 2)
+        filled.setdefault("s1", 1280 if ict else 150)
+        if ict:  # iCT: pseudo-Huber on the per-sample norm, lambda = 1 / (t_{n+1} - t_n)
+            filled.setdefault("distance", "pseudo_huber")
+            filled.setdefault("weighting", "inverse_dt")
+        return filled
+
+    @model_validator(mode="after")
+    def _curriculum(self) -> TrainCMParams:
+        if not 2 <= self.s0 <= self.s1:
+            raise ValueError(f"need 2 <= s0 <= s1, got s0={self.s0}, s1={self.s1}")
+        return self
+
+
+@stage(
+    "distill",
+    params=DistillParams,
+    version="1",
+    inputs=("teacher", "data"),
+    cache_ignore=IGNORED,
+    code_deps=CM_DEPS,
+    distributed=True,
+)
+def distill(params: DistillParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
+    """Consistency distillation (CM Alg. 2) of the EDM ``teacher`` on ``data`` (or teacher samples): one
+    Heun teacher step between neighbours of the N-point Karras grid, target EMA mu, under Ray Train.
+
+    Examples:
+        distill: {kind: distill, inputs: {teacher: teacher, data: data}, params: {steps: 2000, mu: 0.95}}
+    """
+    teacher_config = inputs["teacher"].read_json("model.json")
+    if teacher_config.get("kind") != "edm":
+        from cmflow.errors import InputError
+
+        raise InputError(f"stage {ctx.stage!r}: input 'teacher' must be an EDM model, got {teacher_config.get('kind')}")
+    config = {**teacher_config, "kind": "cm"}
+    config.pop("source", None)
+    config.pop("steps", None)
+    return _train_and_write("cd", params, inputs, ctx, config, teacher_digest=inputs["teacher"].digest)
+
+
+@stage(
+    "train_cm",
+    params=TrainCMParams,
+    version="1",
+    inputs=("data",),
+    cache_ignore=IGNORED,
+    code_deps=CM_DEPS,
+    distributed=True,
+)
+def train_cm(params: TrainCMParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
+    """Consistency training without a teacher: CT (CM Alg. 3, N(k) / mu(k) curricula) or iCT (mu = 0,
+    pseudo-Huber, lognormal noise levels, exponential N(k)), under Ray Train.
+
+    Examples:
+        ict: {kind: train_cm, inputs: {data: data}, params: {method: ict, steps: 4000}}
+    """
+    from cmflow.models.io import model_config
+    from cmflow.training.builders import build_cm
+
+    info = inputs["data"].read_json("dataset.json")
+    config = model_config(build_cm(params.preset, params.unet, info["channels"], info["resolution"],
+                                   f"stages.{ctx.stage}.params"))
+    return _train_and_write(params.method, params, inputs, ctx, config, teacher_digest=None)
+
+
+def _train_and_write(
+    method: str,
+    params: _ConsistencyParams,
+    inputs: dict[str, Artifact],
+    ctx: StageContext,
+    config: dict[str, Any],
+    *,
+    teacher_digest: str | None,
+) -> dict[str, Any]:
+    import torch
+
+    from cmflow.models.io import build_model, save_model, weights_bytes
+    from cmflow.training.ray_train import TrainJob, fit
+
+    torch.set_num_threads(ctx.num_threads)
+    info = inputs["data"].read_json("dataset.json")
+    job = TrainJob(
+        method=method,  # type: ignore[arg-type]
+        params=params.model_dump(mode="json"),
+        seed=int(params.seed) * 1_000_003 + int(ctx.seed),
+        stage=ctx.stage,
+        data=inputs["data"],
+        teacher=inputs.get("teacher"),
+        threads=ctx.num_threads,
+        use_gpu=ctx.resources.gpus > 0,
+        reporter=ctx.reporter,
+    )
+    ctx.progress(0, params.steps, message=f"starting {ctx.resources.workers} Ray Train worker(s)")
+    content = fit(job, ctx, max_failures=params.max_failures)
+    for row in content["metrics"]:
+        ctx.log_metrics(int(row["step"]), loss=row["loss"], imgs_per_s=row["imgs_per_s"])
+    student, online = build_model(config), build_model(config)
+    student.load_state_dict(content["ema"])
+    online.load_state_dict(content["online"])
+    extra: dict[str, Any] = {
+        "sampling": {"two_step_sigmas": [80.0, float(params.midpoint_sigma)], "one_step_sigmas": [80.0]},
+        "dataset_digest": info["digest"],
+        "method": method,
+        "steps": int(content["step"]),
+    }
+    if teacher_digest is not None:
+        extra["teacher_digest"] = teacher_digest
+    save_model(student.eval(), ctx.out_dir, **extra)
+    (ctx.out_dir / "online.safetensors").write_bytes(weights_bytes(online))
+    _grids(student, config, params, ctx)
+    rows = content["metrics"]
+    rates = [r["imgs_per_s"] for r in rows]
+    return {
+        "steps": int(content["step"]),
+        "final_loss": float(rows[-1]["loss"]) if rows else None,
+        "imgs_per_s": round(sum(rates) / len(rates), 2) if rates else None,
+        "resumed_from_step": int(content.get("resumed_from_step", 0)),
+    }
+
+
+def _grids(model: Any, config: dict[str, Any], params: _ConsistencyParams, ctx: StageContext) -> None:
+    if params.grid_samples == 0:
+        return
+    from cmflow.stages.grid import save_grid
+    from cmflow.training.generate import sample_range
+
+    image = config["image"]
+    kwargs = {"shape": (image["channels"], image["resolution"], image["resolution"]), "method": "cm",
+              "num_classes": config.get("num_classes", 0), "class_labels": "uniform"}
+    for name, sigmas in (("samples-1step.png", [80.0]), ("samples-2step.png", [80.0, params.midpoint_sigma])):
+        images, _ = sample_range(model.eval(), 0, params.grid_samples, 256, sigmas=sigmas, **kwargs)
+        save_grid(images, ctx.out_dir / name)
