@@ -404,7 +404,7 @@ def rebuild_state(storage: Storage, schedule: Schedule) -> ScheduleState:
         state.cursor = max(m["fire_time"] for m in fired)
     submitted = [m for m in markers if m.get("status") == "submitted"]
     if submitted:
-        latest = max(submitted, key=lambda m: m.get("claimed_at", ""))
+        latest = max(submitted, key=lambda m: (m.get("fire_time") or "", m.get("claimed_at", "")))
         state.last_run_id, state.last_digest = latest.get("run_id"), latest.get("digest")
     state.retry = [
         m["key"] for m in markers if m.get("status") == "failed" and m.get("attempts", 1) < MAX_ATTEMPTS
@@ -542,6 +542,10 @@ def _trigger_candidates(schedule: Schedule, state: ScheduleState) -> list[_Candi
     ]
 
 
+def _precise_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def _claimer() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -559,7 +563,7 @@ def _fire(
     marker: dict[str, Any] = {
         "schedule_id": schedule.id, "run_id": candidate.run_id, "fire_time": fire_time,
         "digest": candidate.digest, "status": "claimed", "reason": "", "attempts": 0,
-        "claimed_by": _claimer(), "claimed_at": iso(datetime.now(UTC)), "tick_now": iso(now),
+        "claimed_by": _claimer(), "claimed_at": _precise_now(), "tick_now": iso(now),
     }
     try:
         storage.write_json(candidate.marker, marker, create_only=True)

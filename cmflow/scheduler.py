@@ -99,14 +99,16 @@ def _actor_class() -> Any:
     return ray.remote(SchedulerLoop)
 
 
-def _connect(address: str | None) -> None:
+def _connect(address: str | None, runtime_env: dict[str, Any] | None = None) -> None:
+    """Attach to the cluster; ``runtime_env`` (job level) is what the detached actor inherits."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        ray.init(address=address or "auto", namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=address or "auto", namespace=NAMESPACE, runtime_env=runtime_env,
+                 logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ClusterError(
             f"cannot reach the Ray cluster at {address or 'auto'}: {exc}; pass --address HEAD:6379 (the GCS "
@@ -140,8 +142,8 @@ def start(
 
     if interval_s <= 0:
         raise UsageError(f"--interval-s must be > 0, got {interval_s:g}")
-    _connect(address)
-    runtime_env = build_runtime_env(None, ship_code=ship_code)
+    # Local directories (the cmflow package) can only be uploaded at the job level; the actor inherits it.
+    _connect(address, build_runtime_env(None, ship_code=ship_code))
     handle = _actor_class().options(
         name=NAME,
         namespace=NAMESPACE,
@@ -150,7 +152,6 @@ def start(
         max_restarts=-1,
         max_task_retries=-1,
         num_cpus=0,
-        runtime_env=runtime_env,
     ).remote(root, options or {}, interval_s, submit_address, ship_code)
     try:
         state = ray.get(handle.status.remote(), timeout=timeout_s)

@@ -359,7 +359,8 @@ def pyfunc_model() -> Any:
             self.config = json.loads(Path(context.artifacts["config"]).read_text())
             self.model = load_model(context.artifacts["weights"], self.config)
 
-        def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        # No type hints here: MLflow would derive a schema from them instead of the logged signature.
+        def predict(self, context, model_input, params=None):
             from mlflow.exceptions import MlflowException
 
             try:

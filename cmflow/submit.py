@@ -43,7 +43,7 @@ import yaml
 
 from cmflow.errors import ClusterError, CmflowError, StageError, UsageError
 from cmflow.schedule import DuplicateSubmission, Schedule
-from cmflow.spec import PipelineSpec
+from cmflow.spec import PipelineSpec, redact_uri
 from cmflow.storage import Storage
 
 FORWARD_ENV = (
@@ -334,7 +334,8 @@ def submit_spec(
     entrypoint = entrypoint_command(run_id, python)
     sub = Submission(
         run_id=run_id, address=target.address, pipeline=spec.name, spec=spec.redacted(), entrypoint=entrypoint,
-        metadata={"cmflow_run_id": run_id, "cmflow_pipeline": spec.name, **dict(metadata or {})},
+        metadata={"cmflow_run_id": run_id, "cmflow_pipeline": spec.name, "cmflow_root": redact_uri(storage.uri()),
+                  **dict(metadata or {})},
     )
     try:
         sub.save(storage, create_only=True)  # claims the run id before anything reaches the cluster
@@ -372,7 +373,7 @@ def _adopt_existing(client: Any, sub: Submission, storage: Storage) -> bool:
     except Exception:  # noqa: BLE001
         return False
     metadata = info.metadata or {}
-    if metadata.get("cmflow_run_id") != sub.run_id or metadata.get("cmflow_pipeline") != sub.pipeline:
+    if any(metadata.get(k) != sub.metadata.get(k) for k in ("cmflow_run_id", "cmflow_pipeline", "cmflow_root")):
         return False
     sub.submissions.append({"id": sub.run_id, "at": utcnow()})
     sub.state = "submitted"

@@ -8,6 +8,7 @@ import sys
 import typer
 
 from cmflow.cli import cache, run, runs
+from cmflow.cli import fid as fid_cli
 from cmflow.cli import models as models_cli
 from cmflow.cli import sample as sample_cli
 from cmflow.cli import schedule as schedule_cli
@@ -29,6 +30,7 @@ app.command()(run.status)
 app.command()(run.schema)
 app.add_typer(runs.app, name="runs")
 app.add_typer(cache.app, name="cache")
+app.add_typer(fid_cli.app, name="fid")
 app.add_typer(models_cli.app, name="models")
 app.command()(sample_cli.sample)
 app.command()(sample_cli.edit)

@@ -149,7 +149,7 @@ def show_submitted(storage: Storage, run_id: str, as_json: bool) -> bool:
         info = job_info(sub, ClusterTarget(sub.address, resolve_token())) if sub.state == "submitted" else {}
         job = info or {"submission_id": sub.current, "status": "UNKNOWN", "message": "the cluster has no such job"}
     except ClusterError as exc:
-        job = {"submission_id": sub.current, "status": "UNREACHABLE", "message": str(exc)}
+        job = {"submission_id": sub.current, "status": "UNAVAILABLE", "message": str(exc)}
     try:
         record: RunRecord | None = RunRecord.load(storage, run_id)
     except UsageError:

@@ -43,30 +43,24 @@ LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)  # ITU-R 601 luminance, as in the CM col
 
 
 def _orthonormal_completion(first: Tensor) -> Tensor:
-    """Orthogonal (d, d) matrix whose first column is first / ||first||, completed by QR of [first, e_1,
-    ...]."""
+    """Orthogonal (d, d) Q with Q[:, 0] = first / ||first||, completed by QR of [first, e_i, ...]."""
     d = first.numel()
     m = torch.eye(d, dtype=torch.float64)
     j = int(first.abs().argmax())  # drop the basis vector most aligned with `first` to keep M invertible
     cols = [first.to(torch.float64)] + [m[:, i] for i in range(d) if i != j]
     q, r = torch.linalg.qr(torch.stack(cols, dim=1))
-    return (
-        q * torch.sign(torch.diagonal(r))[None, :]
-    )  # diag(R) > 0: unique Q, first column = +first/||first||
+    return q * torch.sign(torch.diagonal(r))[None, :]  # diag(R) > 0: unique Q, Q[:, 0] = +first/||first||
 
 
 def colorization_basis() -> Tensor:
-    """3x3 orthogonal Q (float64) whose first column is the normalised luminance direction (0.2989, 0.587,
-    0.114)."""
+    """3x3 orthogonal Q (float64) whose first column is the unit luminance direction (0.2989, 0.587, 0.114)."""
     return _orthonormal_completion(torch.tensor(LUMA_WEIGHTS, dtype=torch.float64))
 
 
 def patch_basis(factor: int) -> Tensor:
-    """(p^2, p^2) orthogonal Q (float64), p = ``factor``, whose first column is the normalised all-ones
-    vector.
+    """(p^2, p^2) orthogonal Q (float64), p = ``factor``, whose first column is the unit all-ones vector.
 
-    Coefficient 0 of a flattened p x p patch is p times its mean, so keeping it keeps the low-resolution
-    image.
+    Coefficient 0 of a flattened p x p patch is p times its mean: keeping it keeps the low-resolution image.
     """
     if factor < 1:
         raise ValueError("factor must be >= 1")
@@ -86,8 +80,7 @@ def edit(
     sigma_min: float = 0.002,
     class_labels: Tensor | None = None,
 ) -> Tensor:
-    """CM Algorithm 4 for a general invertible A (``transform``) with inverse A^-1 (``inverse``), default
-    identity.
+    """CM Algorithm 4 for an invertible linear A (``transform``, inverse ``inverse``; default identity).
 
     ``keep`` is a bool tensor broadcastable to ``transform(reference)``: True where A y is known (1 - Omega).
     """
@@ -121,8 +114,10 @@ def inpaint(
     sigma_min: float = 0.002,
     class_labels: Tensor | None = None,
 ) -> Tensor:
-    """Inpainting: ``mask`` (Omega) is 1/True on the pixels to generate, 0 on the pixels kept; broadcastable
-    to images."""
+    """Inpainting: ``mask`` (Omega, broadcastable to ``images``) is 1/True on the pixels to generate.
+
+    Pixels where ``mask`` is 0 are copied bit-exactly from ``images``.
+    """
     keep = ~torch.broadcast_to(mask.to(torch.bool).to(images.device), images.shape)
     return edit(
         model, images, keep, sigmas, generator=generator, sigma_min=sigma_min, class_labels=class_labels
@@ -172,10 +167,8 @@ def colorize(
 
 def _to_patches(x: Tensor, p: int, q: Tensor) -> Tensor:
     b, c, h, w = x.shape
-    patches = (
-        x.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h // p, w // p, p * p)
-    )
-    return patches @ q  # (B, C, h, w, p^2) coefficients
+    patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 2, 4, 3, 5)  # (B, C, h, w, p, p)
+    return patches.reshape(b, c, h // p, w // p, p * p) @ q  # (B, C, h, w, p^2) coefficients
 
 
 def _from_patches(coef: Tensor, p: int, q: Tensor) -> Tensor:
@@ -195,8 +188,7 @@ def super_resolve(
     sigma_min: float = 0.002,
     class_labels: Tensor | None = None,
 ) -> Tensor:
-    """Super-resolution by an integer ``factor``: keep each p x p patch mean (= the low-res pixel), generate
-    the rest.
+    """Super-resolution by an integer ``factor`` p: keep each p x p patch mean (the low-res pixel).
 
     ``low_res`` is (B, C, H/p, W/p); the output is (B, C, H, W) with ``avg_pool2d(out, p) == low_res`` up to
     float rounding.
@@ -221,17 +213,15 @@ def super_resolve(
 
 @torch.no_grad()
 def denoise(model: Model, noisy: Tensor, sigma: float, *, class_labels: Tensor | None = None) -> Tensor:
-    """One-step denoising of an image already carrying Gaussian noise of std ``sigma``: f(noisy, sigma),
-    clamped."""
+    """One-step denoising of an image carrying Gaussian noise of std ``sigma``: f(noisy, sigma), clamped."""
     return model(noisy, float(sigma), class_labels=class_labels).clamp(-1, 1)
 
 
 def slerp(z0: Tensor, z1: Tensor, alpha: float | Tensor) -> Tensor:
     """Spherical interpolation between latents, per sample over the flattened C H W vector (CM Sec. 6).
 
-    slerp = sin((1 - a) theta) / sin(theta) z0 + sin(a theta) / sin(theta) z1, theta = angle(z0, z1); falls
-    back to
-    linear interpolation when theta is ~0. ``alpha`` is a float or a (B,) tensor.
+    slerp = sin((1 - a) theta) / sin(theta) z0 + sin(a theta) / sin(theta) z1 with theta = angle(z0, z1);
+    falls back to linear interpolation when sin(theta) ~ 0. ``alpha`` is a float or a (B,) tensor.
     """
     b = z0.shape[0]
     a = torch.as_tensor(alpha, dtype=z0.dtype, device=z0.device).reshape(-1, 1).expand(b, 1)

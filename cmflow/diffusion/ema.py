@@ -12,11 +12,10 @@ __all__ = ["ema_rate_from_halflife", "ema_update", "ema_warmup_rate"]
 
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, rate: float) -> None:
-    """theta- <- rate theta- + (1 - rate) theta for every parameter; buffers are copied (CM Alg. 2 line 9).
+    """theta- <- rate theta- + (1 - rate) theta for every parameter; buffers are copied (CM Eq. (8), Alg. 2).
 
     ``rate = 0`` copies the source exactly (CD with mu = 0); ``rate = 1`` leaves the target unchanged.
-    Parameter
-    and buffer names must match (``target`` is normally a deep copy of ``source``).
+    Parameter and buffer names must match (``target`` is normally a deep copy of ``source``).
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"EMA rate must lie in [0, 1], got {rate}")
@@ -42,7 +41,7 @@ def ema_warmup_rate(step: int, rate: float) -> float:
 def ema_rate_from_halflife(halflife_steps: float) -> float:
     """Per-step rate whose weight halves after ``halflife_steps`` steps: 0.5^(1 / halflife).
 
-    E.g. the openai ImageNet-64 rate 0.9999432189950708 is a 12 207-step (25 M images at batch 2048)
-    half-life.
+    E.g. the openai ImageNet-64 rate 0.9999432189950708 is a 12 207-step half-life (25 M images at batch
+    2048).
     """
     return math.exp(math.log(0.5) / halflife_steps)

@@ -4,18 +4,16 @@ Hyperparameters go to ``__init__``; ``__call__`` samples noise levels and noise,
 returns the **unreduced, weighted, per-sample** loss of shape (B,). Reduction, loss scaling, ``backward`` and
 EMA updates belong to the training loop.
 
-* :class:`EDMLoss` -- the teacher's denoising loss (EDM Eq. (8), Sec. 5).
+* :class:`EDMLoss` -- the teacher's denoising loss (EDM Eq. (2), Table 1).
 * :class:`CDLoss` -- consistency distillation, CM Eq. (7)/(8), Algorithm 2 (one Heun teacher step).
 * :class:`CTLoss` -- consistency training, CM Eq. (10), Algorithm 3 (Euler step with the clean sample).
 * :class:`ICTLoss` -- improved CT (iCT): target = stop-grad(student) (mu = 0), pseudo-Huber metric,
-discretised
-  lognormal noise levels, lambda = 1 / (t_{n+1} - t_n).
+  discretised lognormal noise levels, lambda = 1 / (t_{n+1} - t_n).
 
 Grid conventions are those of :mod:`cmflow.diffusion.schedules` (ascending, pair index n in {0..N-2}).
 Networks are called as ``net(x, sigma, class_labels=...)`` with ``sigma`` of shape (B, 1, 1, 1). The online
-and
-target consistency evaluations run through :func:`~cmflow.diffusion.rng.call_with_shared_rng`, so they see the
-same dropout masks on the device the student lives on (the device of its inputs).
+and target consistency evaluations run through :func:`~cmflow.diffusion.rng.call_with_shared_rng`, so they
+see the same dropout masks, drawn from the generator of the device the inputs (and so the model) live on.
 """
 
 from __future__ import annotations
@@ -40,14 +38,12 @@ Net = Callable[..., Tensor]
 
 
 def default_huber_c(x: Tensor) -> float:
-    """iCT pseudo-Huber constant c = 0.00054 sqrt(d), d = C H W (0.0299 for CIFAR-10, 0.0599 for
-    ImageNet-64)."""
+    """iCT pseudo-Huber constant c = 0.00054 sqrt(d), d = C H W (0.0299 CIFAR-10, 0.0599 ImageNet-64)."""
     return 0.00054 * math.sqrt(x[0].numel())
 
 
 def _lpips_distance(x: Tensor, y: Tensor, lpips: nn.Module) -> Tensor:
-    """LPIPS as in the openai CD code: bilinear resize to 224 when smaller than 256, inputs mapped to [0,
-    1]."""
+    """LPIPS as in the openai CD code: bilinear resize to 224 below 256 px, inputs mapped to [0, 1]."""
     if x.shape[1] == 1:  # grey images: LPIPS networks expect RGB
         x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
     if x.shape[-1] < 256:
@@ -64,7 +60,7 @@ def distance(
     huber_c: float | None = None,
     lpips: nn.Module | None = None,
 ) -> Tensor:
-    """Per-sample distance d(x, y), shape (B,) (CM Sec. 3 metrics; iCT Sec. 3.3 pseudo-Huber).
+    """Per-sample distance d(x, y), shape (B,) (the CM metrics and iCT's pseudo-Huber).
 
     * ``"l2"``: mean over C, H, W of (x - y)^2 (squared l2 / d, as the openai and JAX code).
     * ``"l1"``: mean of |x - y|.
@@ -95,14 +91,12 @@ def _sigma_col(sigmas: Tensor, idx: Tensor, like: Tensor) -> Tensor:
 
 
 class EDMLoss:
-    """EDM denoising loss (EDM Eq. (8), Table 1): ln sigma ~ N(P_mean, P_std^2), lambda = (sigma^2 +
-    sd^2)/(sigma sd)^2.
+    """EDM denoising loss (EDM Eq. (2), (8), Table 1).
 
-    ``__call__(net, images, class_labels=None, generator=None)`` returns lambda(sigma) mean_{CHW}((D(y +
-    sigma n;
-    sigma) - y)^2), shape (B,). (EDM returns the per-pixel tensor and sums it in the loop; the per-pixel mean
-    used
-    here differs by the constant C H W, which Adam-type optimisers ignore.)
+    ln sigma ~ N(P_mean, P_std^2), lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+    ``__call__(net, images, class_labels=None, generator=None)`` returns
+    lambda(sigma) mean_CHW (D(y + sigma n; sigma) - y)^2, shape (B,). EDM returns the per-pixel tensor and sums
+    it in the loop; the per-pixel mean differs by the constant C H W, which Adam-type optimisers ignore.
     """
 
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5) -> None:
@@ -121,8 +115,7 @@ class EDMLoss:
 
 
 class _ConsistencyLoss:
-    """Shared parts of CD / CT / iCT: the Karras grid, index sampling, weighting and the online/target
-    pair."""
+    """Shared parts of CD / CT / iCT: Karras grid, index sampling, weighting, the online/target pair."""
 
     def __init__(
         self,
@@ -143,8 +136,7 @@ class _ConsistencyLoss:
         self.distance, self.weighting, self.lpips, self.huber_c = distance, weighting, lpips, huber_c
 
     def sigmas(self, num_scales: int | None) -> Tensor:
-        """The ascending float64 grid for this call (``num_scales`` overrides the constructor's, for
-        curricula)."""
+        """The ascending float64 grid of this call (``num_scales`` overrides the constructor's: curricula)."""
         n = num_scales if num_scales is not None else self.num_scales
         if n is None:
             raise ValueError("num_scales must be given, at construction or per call")
@@ -154,14 +146,14 @@ class _ConsistencyLoss:
         return sample_uniform_indices(num, len(sigmas), generator)
 
     def weight(self, sigmas: Tensor, idx: Tensor, like: Tensor) -> Tensor:
-        """lambda(t_n): 1, or 1 / (t_{n+1} - t_n) computed on the float64 grid (iCT Sec. 3.4)."""
+        """lambda(t_n): 1, or 1 / (t_{n+1} - t_n) computed on the float64 grid (iCT)."""
         if self.weighting == "uniform":
             return torch.ones(len(idx), dtype=like.dtype, device=like.device)
         return (1 / (sigmas[idx + 1] - sigmas[idx])).to(dtype=like.dtype, device=like.device)
 
     def pair_loss(
         self,
-        student: nn.Module,
+        student: Net,
         target: Net,
         x_hi: Tensor,
         t_hi: Tensor,
@@ -169,8 +161,7 @@ class _ConsistencyLoss:
         t_lo: Tensor,
         class_labels: Tensor | None,
     ) -> Tensor:
-        """d(f_theta(x_{t_{n+1}}, t_{n+1}), stopgrad f_theta-(x_{t_n}, t_n)) with shared dropout masks,
-        (B,)."""
+        """d(f_theta(x_{t_{n+1}}, t_{n+1}), stopgrad f_theta-(x_{t_n}, t_n)), shared dropout masks; (B,)."""
 
         def online() -> Tensor:
             return student(x_hi, t_hi, class_labels=class_labels)
@@ -186,11 +177,10 @@ class _ConsistencyLoss:
 class CDLoss(_ConsistencyLoss):
     """Consistency distillation loss L_CD^N (CM Eq. (7)/(8), Algorithm 2).
 
-    n ~ U{0..N-2}; x_{t_{n+1}} = x + t_{n+1} z; x^_{t_n} = one Heun step of the teacher from t_{n+1} to t_n
-    (no grad); loss = lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta-(x^_{t_n}, t_n)) with f_theta-
-    under no
-    grad. ``teacher`` is a denoiser D(x; sigma) in eval mode; ``target`` is the EMA network theta- (for mu = 0
-    pass the student itself).
+    n ~ U{0..N-2}; x_{t_{n+1}} = x + t_{n+1} z; x^_{t_n} = one Heun step of the teacher from t_{n+1} to
+    t_n (no grad); loss = lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta-(x^_{t_n}, t_n)), f_theta-
+    under no grad. ``teacher`` is a denoiser D(x; sigma) in eval mode; ``target`` is the EMA network theta-
+    (pass the student itself for mu = 0, the CIFAR-10 setting).
     """
 
     def __init__(
@@ -208,7 +198,7 @@ class CDLoss(_ConsistencyLoss):
 
     def __call__(
         self,
-        student: nn.Module,
+        student: Net,
         target: Net,
         teacher: Net,
         images: Tensor,
@@ -230,11 +220,10 @@ class CDLoss(_ConsistencyLoss):
 class CTLoss(_ConsistencyLoss):
     """Consistency training loss L_CT^N (CM Eq. (10), Algorithm 3).
 
-    n ~ U{0..N-2}, z ~ N(0, I); student input x + t_{n+1} z, target input x + t_n z (the same z). This is the
-    Euler step of CD with D(x_t, t) replaced by the clean sample x: x_{t_{n+1}} + (t_n - t_{n+1})(x_{t_{n+1}}
-    -
-    x) / t_{n+1} = x + t_n z (reference Sec. 2.2). ``num_scales`` may be given per call (curriculum N(k),
-    :func:`~cmflow.diffusion.schedules.ct_num_steps`).
+    n ~ U{0..N-2}, z ~ N(0, I); student input x + t_{n+1} z, target input x + t_n z (the same z). This is
+    the Euler step of CD with D(x_t, t) replaced by the clean sample x:
+    x_{t_{n+1}} + (t_n - t_{n+1}) (x_{t_{n+1}} - x) / t_{n+1} = x + t_n z (reference Sec. 2.2).
+    ``num_scales`` may be given per call (curriculum N(k), :func:`~cmflow.diffusion.schedules.ct_num_steps`).
     """
 
     def __init__(
@@ -252,7 +241,7 @@ class CTLoss(_ConsistencyLoss):
 
     def __call__(
         self,
-        student: nn.Module,
+        student: Net,
         target: Net,
         images: Tensor,
         num_scales: int | None = None,
@@ -301,7 +290,7 @@ class ICTLoss(CTLoss):
 
     def __call__(  # type: ignore[override]
         self,
-        student: nn.Module,
+        student: Net,
         images: Tensor,
         num_scales: int | None = None,
         class_labels: Tensor | None = None,

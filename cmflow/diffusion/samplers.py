@@ -32,7 +32,7 @@ def edm_sampler(
     class_labels: Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """Deterministic EDM sampler (EDM Alg. 1 = Alg. 2 with S_churn = 0): Heun steps on the Karras grid.
+    """Deterministic EDM sampler (EDM Alg. 1, i.e. Alg. 2 with S_churn = 0): Heun steps on the Karras grid.
 
     The grid is t_0 = sigma_max > ... > t_{N-1} = sigma_min, t_N = 0; x_0 = sigma_max z; every step is Euler
     plus the 2nd-order correction except the last one (to sigma = 0), which is Euler only, so
@@ -45,7 +45,7 @@ def edm_sampler(
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:], strict=True)):
         d = (x - denoiser(x, t_cur, class_labels=class_labels).to(dtype)) / t_cur
         x_next = x + (t_next - t_cur) * d
-        if i < num_steps - 1:  # 2nd-order correction (EDM Alg. 1 lines 6-8)
+        if i < num_steps - 1:  # 2nd-order correction (EDM Alg. 1)
             d_next = (x_next - denoiser(x_next, t_next, class_labels=class_labels).to(dtype)) / t_next
             x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d_next)
         x = x_next
@@ -65,11 +65,10 @@ def cm_sample(
     """Multistep consistency sampling (CM Algorithm 1); ``len(sigmas)`` network evaluations.
 
     ``sigmas`` = (tau_0 = T, tau_1, ..., tau_{K-1}), strictly decreasing, each in [sigma_min, T]. Then
-    x <- f(tau_0 z, tau_0); for each next tau: x <- f(x + sqrt(tau^2 - eps^2) z', tau), with fresh z' ~ N(0,
-    I)
-    from ``generator`` (global RNG if ``None``). Every f output is clamped to [-1, 1] (openai
-    ``karras_sample(clip_denoised=True)``). One-step sampling: ``sigmas=[80.0]``; the 2-step CIFAR-10 iCT/ECT
-    setting: ``[80.0, 0.821]``.
+    x <- f(tau_0 z, tau_0); for each next tau: x <- f(x + sqrt(tau^2 - eps^2) z', tau), with a fresh
+    z' ~ N(0, I) from ``generator`` (global RNG if ``None``). Every f output is clamped to [-1, 1] (openai
+    ``karras_sample(clip_denoised=True)``). One-step sampling: ``sigmas=[80.0]``; the 2-step CIFAR-10
+    iCT/ECT setting: ``[80.0, 0.821]``.
     """
     sigmas = [float(s) for s in sigmas]
     if not sigmas:
@@ -94,9 +93,8 @@ def cm_sigmas_from_indices(
     """Sigma values for openai-style ``ts`` indices into the **descending** ``num_scales``-point Karras grid.
 
     Index 0 is sigma_max and index ``num_scales - 1`` is sigma_min (reference Sec. 5.1). A trailing
-    ``num_scales - 1`` is dropped: in the openai sampler it only adds noise of std sqrt(eps^2 - eps^2) = 0 and
-    f(x, eps) = x, so ``(0, 22, 39)`` on 40 scales gives ``[80.0, 1.382...]`` (2 NFE, the CD ImageNet-64
-    setting).
+    ``num_scales - 1`` is dropped: in the openai sampler it only adds noise of std sqrt(eps^2 - eps^2) = 0,
+    and f(x, eps) = x, so ``(0, 22, 39)`` on 40 scales gives ``[80.0, 1.382...]`` (2 NFE, CD ImageNet-64).
     """
     grid = karras_sigmas(num_scales, sigma_min, sigma_max, rho).flip(0)
     idx = [int(i) for i in indices]
@@ -113,8 +111,7 @@ def ternary_search_midpoint(
     hi: float = 80.0,
     num_iters: int = 12,
 ) -> tuple[float, float]:
-    """Ternary search for the 2-step midpoint tau_1 minimising ``score_fn`` (e.g. FID of samples from [T,
-    tau_1]).
+    """Ternary search for the 2-step midpoint tau_1 minimising ``score_fn`` (e.g. FID of [T, tau_1] samples).
 
     The search runs over u = ln(sigma) in [ln lo, ln hi]: the Karras grid and the published midpoints (0.821,
     1.382, 1.526) are spread geometrically, and FID varies on that scale, so the unimodality that ternary

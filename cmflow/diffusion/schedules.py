@@ -40,7 +40,7 @@ def karras_sigmas(
 ) -> Tensor:
     """The Karras/EDM grid, ascending: t_i = (eps^(1/rho) + (i-1)/(N-1) (T^(1/rho) - eps^(1/rho)))^rho.
 
-    CM Sec. 4 / App. C (EDM Eq. (5) reversed), i = 1..N. Returns a (N,) tensor with ``[0] == sigma_min`` and
+    CM Sec. 4 / App. C (EDM Eq. (5) in ascending order), i = 1..N. Returns a (N,) tensor with ``[0] == sigma_min`` and
     ``[-1] == sigma_max`` exactly (the end points are set, not recomputed through the power).
     """
     if num_steps < 2:
@@ -73,9 +73,8 @@ def ct_ema_rate(
     """CT target-EMA curriculum mu(k) = exp(s0 ln(mu0) / N(k)) (CM App. C).
 
     Code-vs-paper detail: the released code (``cm/script_util.py`` ``create_ema_and_scales_fn``, JAX
-    ``jcm/losses.py``) divides by N(k) - 1, the value before the final "+1" of :func:`ct_num_steps`. So at k
-    = 0
-    it gives mu0^2 (0.9025 for mu0 = 0.95) instead of mu0; late in training the two differ by < 1e-4.
+    ``jcm/losses.py``) divides by N(k) - 1, the value before the final "+1" of :func:`ct_num_steps`. So at
+    k = 0 it gives mu0^2 (0.9025 for mu0 = 0.95) instead of mu0; late in training the two differ by < 1e-4.
     ``convention="code"`` (default) reproduces the released models, ``"paper"`` the formula as printed.
     """
     n = ct_num_steps(k, K, s0, s1)
@@ -84,17 +83,17 @@ def ct_ema_rate(
 
 
 def ict_num_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
-    """iCT exponential curriculum N(k) = min(s0 2^floor(k/K'), s1) + 1 with K' = floor(K / (log2 floor(s1/s0)
-    + 1)).
+    """iCT exponential curriculum N(k) = min(s0 2^floor(k/K'), s1) + 1.
 
-    iCT Sec. 3.4 (Song & Dhariwal 2023). With s0 = 10, s1 = 1280: 8 stages, N = 11, 21, 41, ..., 1281.
+    iCT (Song & Dhariwal 2023), with K' = floor(K / (log2 floor(s1/s0) + 1)) training steps per stage. With
+    s0 = 10, s1 = 1280: 8 stages, N = 11, 21, 41, ..., 1281.
     """
     k_prime = math.floor(K / (math.log2(math.floor(s1 / s0)) + 1))
     return min(s0 * 2 ** (k // max(k_prime, 1)), s1) + 1
 
 
 def ict_index_probs(sigmas: Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
-    """Discretised lognormal over the pairs (sigmas[n], sigmas[n+1]) of an ascending grid (iCT Sec. 3.5).
+    """Discretised lognormal over the pairs (sigmas[n], sigmas[n+1]) of an ascending grid (iCT).
 
     p(n) proportional to erf((ln sigma_{n+1} - P_mean) / (sqrt(2) P_std)) - erf((ln sigma_n - P_mean) /
     (sqrt(2) P_std)). Returns (N-1,) float64 probabilities summing to 1.
@@ -127,6 +126,5 @@ def sample_lognormal_indices(
 
 
 def sample_uniform_indices(num: int, num_steps: int, generator: Generator | None = None) -> Tensor:
-    """Draw ``num`` pair indices n ~ U{0..N-2} (CM Alg. 2 / 3: paper n ~ U{1..N-1}). (num,) int64 on the
-    CPU."""
+    """Draw ``num`` pair indices n ~ U{0..N-2} (CM Alg. 2 / 3, paper n ~ U{1..N-1}); (num,) int64, CPU."""
     return randint(0, num_steps - 1, (num,), generator=generator, device="cpu")

@@ -1,10 +1,9 @@
-"""One-step solvers of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (EDM Eq. (3), sigma(t)
-= t).
+"""One-step solvers of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma.
 
-``denoiser(x, sigma, class_labels=...)`` is any D(x; sigma) (e.g. :class:`~cmflow.models.EDMPrecond`); it is
-called with ``sigma`` broadcastable against ``x`` (shape (B, 1, ..., 1)). ``t`` and ``t_next`` may be floats
-or
-(B,) tensors (one noise level per sample, as in CD). Both functions are pure: no RNG, no state.
+This is EDM Eq. (1) with Eq. (3), sigma(t) = t and s(t) = 1 (the VE / CM convention). ``denoiser(x, sigma,
+class_labels=...)`` is any D(x; sigma) (e.g. :class:`~cmflow.models.EDMPrecond`); it is called with ``sigma``
+broadcastable against ``x`` (shape (B, 1, ..., 1)). ``t`` and ``t_next`` may be floats or (B,) tensors (one
+noise level per sample, as in CD). Both functions are pure: no RNG, no state.
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ def euler_step(
     t_next: float | Tensor,
     class_labels: Tensor | None = None,
 ) -> Tensor:
-    """Euler step: x' = x + (t' - t) d, d = (x - D(x; t)) / t (CM Sec. 4, the 1-NFE solver of the openai
-    code)."""
+    """Euler step x' = x + (t' - t) d with d = (x - D(x; t)) / t (CM Eq. (6) with Euler; 1 NFE)."""
     t, t_next = _level(t, x), _level(t_next, x)
     d = (x - denoiser(x, t, class_labels=class_labels)) / t
     return x + (t_next - t) * d
@@ -45,7 +43,7 @@ def heun_step(
     t_next: float | Tensor,
     class_labels: Tensor | None = None,
 ) -> Tensor:
-    """Heun step from ``t`` to ``t_next`` > 0 (EDM Alg. 1 lines 5-8; the CD teacher solver, 2 NFE).
+    """Heun step from ``t`` to ``t_next`` > 0 (EDM Alg. 1; the CD teacher solver, 2 NFE).
 
     d = (x - D(x; t)) / t;  x~ = x + (t' - t) d;  d' = (x~ - D(x~; t')) / t';  x' = x + (t' - t)(d + d') / 2.
     """

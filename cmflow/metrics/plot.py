@@ -55,6 +55,11 @@ def save_fid_vs_nfe(points: Sequence[FidPoint], path: str | Path, title: str = "
         if len(members) == 1:
             ax.axhline(members[0].median, linestyle="--", linewidth=0.8, color=line.lines[0].get_color())
     ax.set_xscale("log")
+    ticks = sorted({p.nfe for p in points})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xticks([], minor=True)
+    if ticks:
+        ax.set_xlim(ticks[0] / 1.5, ticks[-1] * 1.5)
     values = [p.median for p in points if p.median > 0]
     if values and max(values) / min(values) > 20:
         ax.set_yscale("log")

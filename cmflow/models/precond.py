@@ -3,10 +3,8 @@
 * :class:`EDMPrecond` -- the EDM denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Eq. (7),
   Table 1), used for the teacher.
 * :class:`CMPrecond` -- the consistency function f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t))
-with
-  the boundary-condition scalings of CM Eq. (7) / App. C, shifted by eps = sigma_min so that c_skip(eps) = 1
-  and
-  c_out(eps) = 0, hence f(x, eps) == x bit-exactly for any backbone.
+  with the boundary-condition scalings of CM Eq. (5) / App. C, shifted by eps = sigma_min so that
+  c_skip(eps) = 1 and c_out(eps) = 0, hence f(x, eps) == x bit-exactly for any backbone.
 
 Both use c_noise = 1/4 ln sigma (EDM; the JAX CM code for CIFAR-10). Scalings are computed in float32, or in
 float64 when ``x`` is float64 (the EDM sampler runs in float64).
@@ -40,14 +38,13 @@ def edm_scalings(sigma: Tensor, sigma_data: float = 0.5) -> Scalings:
 
 
 def cm_scalings(sigma: Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002) -> Scalings:
-    """Consistency-model scalings with the boundary condition at eps = ``sigma_min`` (CM Eq. (7), App. C).
+    """Consistency-model scalings with the boundary condition at eps = ``sigma_min`` (CM Eq. (5), App. C).
 
-    c_skip = sigma_data^2 / ((sigma - eps)^2 + sigma_data^2), c_out = sigma_data (sigma - eps) /
-    sqrt(sigma_data^2
-    + sigma^2) (the shift is in the numerator only), c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = 1/4
-    ln sigma.
+    c_skip = sigma_data^2 / ((sigma - eps)^2 + sigma_data^2),
+    c_out = sigma_data (sigma - eps) / sqrt(sigma_data^2 + sigma^2)  (the shift is in the numerator only),
+    c_in = 1 / sqrt(sigma^2 + sigma_data^2),  c_noise = 1/4 ln sigma.
     ``sigma - eps`` is formed first, so at sigma == eps (same dtype) it is exactly 0 and c_skip = 1, c_out = 0
-    exactly.
+    hold exactly.
     """
     sigma = torch.as_tensor(sigma)
     sd2 = sigma_data**2
@@ -114,7 +111,7 @@ class EDMPrecond(_Precond):
 
 
 class CMPrecond(_Precond):
-    """Consistency function f(x, sigma) around ``backbone`` with f(x, sigma_min) == x exactly (CM Eq. (7)).
+    """Consistency function f(x, sigma) around ``backbone`` with f(x, sigma_min) == x exactly (CM Eq. (5)).
 
     ``forward(x, sigma, class_labels=None)``: ``sigma`` may be a float, a (B,) tensor or (B, 1, 1, 1), with
     sigma_min <= sigma <= sigma_max.

@@ -2,21 +2,19 @@
 
 The backbone is a plain ``nn.Module`` ``F(x, noise_labels, class_labels)``: it knows nothing of sigma,
 c_skip or c_out. The preconditioning wrappers in :mod:`cmflow.models.precond` turn it into the EDM denoiser
-D(x; sigma) (EDM Table 1) or the consistency function f(x, t) (CM Eq. (7), App. C).
+D(x; sigma) (EDM Table 1) or the consistency function f(x, t) (CM Eq. (5), App. C).
 
 Layout (one encoder/decoder level per entry of ``channel_mult``; resolution halves between levels)::
 
     conv_in -> [ResBlock (+Attn)] x num_blocks, Down -> ... -> mid: ResBlock, Attn, ResBlock
             -> [concat skip, ResBlock (+Attn)] x (num_blocks + 1), Up -> ... -> GroupNorm, SiLU, conv_out
 
-Noise conditioning: ``noise_labels`` (the c_noise of the wrapper, e.g. 1/4 ln sigma) pass through a positional
+Noise conditioning: ``noise_labels`` (the wrapper's c_noise, e.g. 1/4 ln sigma) pass through a positional
 (transformer-style, EDM ``PositionalEmbedding``) or random Fourier (NCSN++, EDM ``FourierEmbedding``)
-embedding, a class embedding is added, then a 2-layer MLP gives ``emb``, which every residual block consumes
-as
-an additive bias (DDPM++) or as an adaptive GroupNorm scale/shift (ADM ``use_scale_shift_norm``).
+embedding, a class embedding is added, then a 2-layer MLP gives ``emb``, which every residual block
+consumes as an additive bias (DDPM++) or as an adaptive GroupNorm scale/shift (ADM ``use_scale_shift_norm``).
 The last convolution of each residual block, each attention projection and the output layer are
-zero-initialised
-(ADM ``zero_module``), so a freshly built UNet outputs exactly zero.
+zero-initialised (ADM ``zero_module``), so a freshly built UNet outputs exactly zero.
 """
 
 from __future__ import annotations

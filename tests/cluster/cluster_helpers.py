@@ -62,3 +62,12 @@ class FakeSubmitter:
     def stop(self, schedule: Schedule, run_id: str) -> None:
         self.stopped.append(run_id)
         self.statuses[run_id] = "STOPPED"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

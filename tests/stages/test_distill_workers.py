@@ -1,0 +1,67 @@
+"""distill on 2 Ray Train workers (CPU, gloo): the loss falls, and a killed worker is replaced and the run
+resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from stage_helpers import artifact, direct_ctx
+
+from cmflow.spec import Resources
+from cmflow.stages.distill import DistillParams, distill
+from cmflow.storage import Manifest, Storage
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _checkpoint_steps(pid_dir: Path) -> list[int]:
+    path = pid_dir / "checkpoints.txt"
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_two_workers_loss_falls_and_a_killed_worker_resumes_from_a_checkpoint(
+    ray_session: None, digits_store: tuple[Storage, Manifest], tiny_teacher: Manifest, tmp_path: Path
+) -> None:
+    storage, data = digits_store
+    pid_dir = tmp_path / "pids"
+    params = DistillParams(steps=600, batch_size=32, lr=1e-3, checkpoint_every=20, log_every=20,
+                           grid_samples=0, max_failures=2, pid_dir=str(pid_dir))
+    ctx = direct_ctx(storage, tmp_path, "distill", resources=Resources(cpus=1, workers=2))
+    inputs = {"teacher": artifact(storage, tiny_teacher), "data": artifact(storage, data)}
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["meta"] = distill(params, inputs, ctx)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    _wait_for(lambda: len(_checkpoint_steps(pid_dir)) >= 2 or not thread.is_alive(), 240, "two checkpoints")
+    assert thread.is_alive(), f"training ended before the kill: {outcome}"
+    survived = _checkpoint_steps(pid_dir)[0]  # reported before the one just before the kill: surely recorded
+    victim = int((pid_dir / "rank1.pid").read_text())
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+
+    meta = outcome["meta"]
+    assert meta["steps"] == 600
+    assert meta["resumed_from_step"] >= survived > 0 and meta["resumed_from_step"] % 20 == 0
+    assert int((pid_dir / "rank1.pid").read_text()) != victim  # a new worker took rank 1
+    losses = [row["loss"] for row in ctx.metrics]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert (ctx.out_dir / "model.safetensors").exists() and (ctx.out_dir / "online.safetensors").exists()
