@@ -40,7 +40,8 @@ GATE_TAG = "cmflow.gate_report"
 TICKET_TAG = "cmflow.ticket_for"
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
-METRIC_PREFIXES = ("fid", "kid", "nfe", "precision", "recall", "is_")
+METRIC_PREFIXES = ("fid", "kid", "nfe", "precision", "recall", "ratio", "midpoint_sigma", "num_samples")
+IMPLIED_NFE = {"fid_1step": ("nfe_1step", 1.0), "fid_2step": ("nfe_2step", 2.0)}  # CM sampling: NFE = steps
 STALE_TICKET_S = 60.0  # a ticket whose winner has not applied it after this long is rolled forward
 
 
@@ -154,7 +155,10 @@ def resolve_model_uri(client: Any, uri: str) -> ResolvedModel:
 
 
 def report_metrics(meta: Mapping[str, Any]) -> dict[str, float]:
-    """The FID/KID/NFE numbers of an evaluate report's meta (finite numbers whose names fit)."""
+    """The gate numbers of an evaluate report's meta: finite FID/KID/NFE/precision/recall values.
+
+    ``nfe_1step`` / ``nfe_2step`` default to 1 / 2 when the report gives the FID but not the NFE.
+    """
     found: dict[str, float] = {}
     for key, value in meta.items():
         if (
@@ -164,6 +168,9 @@ def report_metrics(meta: Mapping[str, Any]) -> dict[str, float]:
             and str(key).lower().startswith(METRIC_PREFIXES)
         ):
             found[str(key)] = float(value)
+    for fid, (nfe, value) in IMPLIED_NFE.items():
+        if fid in found:
+            found.setdefault(nfe, value)
     return found
 
 

@@ -482,7 +482,10 @@ def tick(
                 raise
             fires.append(Fire(sid, "", "failed", reason=str(exc)))
             continue
-        fires.extend(tick_schedule(schedule, now, storage, submitter))
+        try:
+            fires.extend(tick_schedule(schedule, now, storage, submitter))
+        except CmflowError as exc:  # one broken schedule (or store hiccup) must not stop the others
+            fires.append(Fire(sid, "", "failed", reason=str(exc)))
     return fires
 
 
@@ -503,7 +506,7 @@ def tick_schedule(schedule: Schedule, now: datetime, storage: Storage, submitter
         return [*fires, Fire(schedule.id, "", "failed", reason=str(exc))]
     for candidate in candidates:
         fires.append(_fire(schedule, candidate, state, changes, storage, submitter, now))
-    if schedule.cron:
+    if schedule.cron and candidates:  # idle ticks write nothing (finding the due times costs O(1) anyway)
         changes["cursor"] = iso(now)
     _save_changes(storage, schedule, changes)
     return fires
@@ -706,6 +709,7 @@ def kuberay_cronjob(
     image: str,
     namespace: str = "default",
     gpu_workers: int = 1,
+    tracking_uri: str = "http://mlflow.mlflow.svc:5000",
 ) -> dict[str, Any]:
     """A KubeRay ``RayCronJob`` (KubeRay >= 1.6, alpha; ``timeZone`` needs >= 1.7) firing this schedule.
 
@@ -716,18 +720,11 @@ def kuberay_cronjob(
     if schedule.cron is None:
         raise UsageError(f"schedule {schedule.id!r} has no cron; a RayCronJob needs one (use the scheduler)")
     entrypoint = f"python -m cmflow.cli.main schedule tick {schedule.id} --root {root} --inline"
-    def secret(name: str, key: str, optional: bool = False) -> dict[str, Any]:
-        ref = {"name": "cmflow-s3", "key": key, **({"optional": True} if optional else {})}
-        return {"name": name, "valueFrom": {"secretKeyRef": ref}}
-
     container = {
         "image": image,
-        "env": [
-            secret("AWS_ENDPOINT_URL", "endpoint", optional=True),
-            secret("AWS_ACCESS_KEY_ID", "access_key"),
-            secret("AWS_SECRET_ACCESS_KEY", "secret_key"),
-            {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.mlflow.svc:5000"},
-        ],
+        "envFrom": [{"secretRef": {"name": "cmflow-s3"}}],  # cluster/kuberay/secrets.example.yaml
+        "env": [{"name": "MLFLOW_TRACKING_URI", "value": tracking_uri},
+                {"name": "RAY_TRAIN_V2_ENABLED", "value": "1"}],
     }
     head = {**container, "name": "ray-head", "resources": {"limits": {"cpu": "4", "memory": "16Gi"}},
             "ports": [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"}]}

@@ -314,8 +314,16 @@ def _stage_tags(parent: str, stage: str, kind: str, cache_key: str, *, hit: bool
 # Worker side
 
 
+def _unwrap(inner: Any) -> Any:
+    return inner
+
+
 class _MetricsTap:
-    """Wraps ``ctx.reporter``: forwards every update and buffers ``log_metrics`` rows for MLflow."""
+    """Wraps ``ctx.reporter``: forwards every update and buffers ``log_metrics`` rows for MLflow.
+
+    A stage may ship its reporter to other processes (Ray Train workers); there the tap unpickles as the
+    plain inner reporter, so rows only reach MLflow from the stage's own ``ctx.log_metrics`` calls.
+    """
 
     def __init__(
         self, inner: Any, tracker: StageTracker, flush_every_s: float = 5.0, max_rows: int = 500
@@ -327,24 +335,29 @@ class _MetricsTap:
         self.rows: list[tuple[str, float, int, int]] = []
         self._last = time.monotonic()
 
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        return _unwrap, (self.inner,)
+
     def __call__(self, stage: str, update: Mapping[str, Any]) -> None:
         row = update.get("metrics")
         if isinstance(row, Mapping):
             now, step = _now_ms(), int(row.get("step", 0))
-            self.rows.extend(
-                (str(k), float(v), now, step)
-                for k, v in row.items()
-                if k != "step" and math.isfinite(float(v))
-            )
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float) and math.isfinite(float(value)):
+                    self.rows.append((str(key), float(value), now, step))
             if len(self.rows) >= self.max_rows or time.monotonic() - self._last >= self.flush_every_s:
                 self.flush()
         if self.inner is not None:
             self.inner(stage, update)
 
-    def flush(self) -> None:
+    def flush(self, stage: str | None = None) -> None:
+        """Send the buffered rows (and flush the inner reporter when a stage name is given)."""
         rows, self.rows = self.rows, []
         self._last = time.monotonic()
         self.tracker.send_metrics(rows)
+        inner_flush = getattr(self.inner, "flush", None)
+        if stage is not None and inner_flush is not None:
+            inner_flush(stage)
 
 
 class StageTracker:

@@ -228,6 +228,7 @@ def score(
     extractor: ExtractorOpt = "digits",
     weights: WeightsOpt = None,
     batch_size: BatchOpt = 256,
+    kid_subsets: Annotated[int, typer.Option("--kid-subsets", min=1, help="KID subsets of 1000 rows.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
 ) -> None:
     """Print FID of IMAGES against --ref (and KID, precision/recall when --ref holds images too)."""
@@ -251,7 +252,7 @@ def score(
         if real.n < 2:
             raise UsageError(f"--ref {redact_uri(ref)} holds {real.n} image; FID needs at least 2")
         (mu_ref, sigma_ref), result["num_ref"] = real.to_moments(), int(real.n)
-        result["kid"], result["kid_std"] = kid(fake.features, real.features, num_subsets=50)
+        result["kid"], result["kid_std"] = kid(fake.features, real.features, num_subsets=kid_subsets)
         if min(real.n, fake.n) > 3:  # equal-size random subsets: k-NN radii depend on the sample size
             m = min(real.n, fake.n)
             result["precision"], result["recall"] = precision_recall(_subset(real.features, m),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from typing import Annotated
 
 import typer
@@ -34,8 +36,14 @@ def _run(spec, no_cache: list[str], address: str | None, run_id: str | None) -> 
     from cmflow.errors import StageError
 
     console = Console(stderr=True)
-    with LiveDisplay(console) as display:
-        record = run_pipeline(spec, no_cache=no_cache, run_id=run_id, address=address, listener=display)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt) if in_main else None  # `cmflow stop`
+    try:
+        with LiveDisplay(console) as display:
+            record = run_pipeline(spec, no_cache=no_cache, run_id=run_id, address=address, listener=display)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     Console().print(stage_table(record, final=True))
     if record.status != "succeeded":
         raise StageError(
@@ -43,6 +51,11 @@ def _run(spec, no_cache: list[str], address: str | None, run_id: str | None) -> 
             f"{record.run_id}`"
         )
     typer.echo(f"run {record.run_id} succeeded; artifacts under {spec.storage.root}")
+
+
+def _sigterm_to_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the driver records the run as stopped before it exits."""
+    raise KeyboardInterrupt
 
 
 def resume(

@@ -67,6 +67,9 @@ def create(
     )
     storage = Storage(root) if root else Storage(spec.storage.root, spec.storage.options)
     create_schedule(storage, schedule)
+    if submit_address is None:
+        typer.echo("note: no --address: ticks need one (`schedule tick --address`, `scheduler start "
+                   "--submit-address`) unless they run --inline", err=True)
     when = ""
     if schedule.cron:
         first = next_fire_time(schedule.cron, schedule.tz, now)
@@ -194,6 +197,9 @@ def export(
     ),
     namespace: Annotated[str, typer.Option("--namespace", help="Kubernetes namespace.")] = "default",
     gpu_workers: Annotated[int, typer.Option("--gpu-workers", help="GPU worker pods per run.")] = 1,
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", help="MLFLOW_TRACKING_URI in the pods.")] = (
+        "http://mlflow.mlflow.svc:5000"
+    ),
     root: RootOpt = None,
 ) -> None:
     """Print a schedule as JSON, or with --kuberay as a RayCronJob that ticks it on an ephemeral cluster."""
@@ -207,5 +213,5 @@ def export(
         typer.echo(json.dumps(schedule.model_dump(mode="json"), indent=1))
         return
     manifest = kuberay_cronjob(schedule, root=storage.uri(), image=image, namespace=namespace,
-                               gpu_workers=gpu_workers)
+                               gpu_workers=gpu_workers, tracking_uri=tracking_uri)
     typer.echo(yaml.safe_dump(manifest, sort_keys=False).rstrip())

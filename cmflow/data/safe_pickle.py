@@ -33,7 +33,9 @@ class UnsafePickleError(pickle.UnpicklingError):
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in ALLOWED_GLOBALS:
-            raise UnsafePickleError(f"global {module}.{name} is not allowed (only numpy arrays and plain data)")
+            raise UnsafePickleError(
+                f"global {module}.{name} is not allowed (only numpy arrays and plain data)"
+            )
         return super().find_class(module, name)
 
 

@@ -61,13 +61,17 @@ def read_cifar10(uri: str, options: dict[str, Any]) -> RawDataset:
     try:
         archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise InputError(f"{where} is not a readable tar archive ({exc}); pass the CIFAR-10 python tarball") from None
+        raise InputError(
+            f"{where} is not a readable tar archive ({exc}); pass the CIFAR-10 python tarball"
+        ) from None
     images: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     with archive:
         try:
-            members = sorted((m for m in archive.getmembers() if m.isfile() and _BATCH_RE.search(m.name)),
-                             key=lambda m: m.name)
+            members = sorted(
+                (m for m in archive.getmembers() if m.isfile() and _BATCH_RE.search(m.name)),
+                key=lambda m: m.name,
+            )
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise InputError(f"{where}: the tar archive is corrupt ({exc}); download it again") from None
         if not members:
@@ -86,7 +90,9 @@ def read_cifar10(uri: str, options: dict[str, Any]) -> RawDataset:
     )
 
 
-def _cifar_batch(archive: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_batch(
+    archive: tarfile.TarFile, member: tarfile.TarInfo, where: str
+) -> tuple[np.ndarray, np.ndarray]:
     name = f"{where}:{member.name}"
     try:
         handle = archive.extractfile(member)
@@ -97,15 +103,27 @@ def _cifar_batch(archive: tarfile.TarFile, member: tarfile.TarInfo, where: str) 
         batch = restricted_loads(raw)
     except UnsafePickleError as exc:
         raise InputError(f"{name} was refused: {exc}; only genuine CIFAR-10 batches are accepted") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, UnicodeDecodeError) as exc:
-        raise InputError(f"{name} is not a valid pickled CIFAR-10 batch ({type(exc).__name__}: {exc})") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        UnicodeDecodeError,
+    ) as exc:
+        raise InputError(
+            f"{name} is not a valid pickled CIFAR-10 batch ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise InputError(f"{name} is not a CIFAR-10 batch (expected a dict with b'data' and b'labels')")
     data, batch_labels = batch[b"data"], batch[b"labels"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", None)
-        raise InputError(f"{name}: b'data' must be a uint8 (N, 3072) array, got {type(data).__name__} {shape}")
+        raise InputError(
+            f"{name}: b'data' must be a uint8 (N, 3072) array, got {type(data).__name__} {shape}"
+        )
     labels = np.asarray(batch_labels)
     if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
         raise InputError(f"{name}: b'labels' must hold {data.shape[0]} integers")
@@ -146,7 +164,9 @@ def read_image_folder(uri: str, options: dict[str, Any], resolution: int | None)
                 handle.load()
                 pictures.append(handle.copy())
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise InputError(f"{where}/{relpath} is not a readable PNG/JPEG image ({exc}); remove or fix it") from None
+            raise InputError(
+                f"{where}/{relpath} is not a readable PNG/JPEG image ({exc}); remove or fix it"
+            ) from None
     grey = all(p.mode in {"1", "L", "I", "I;16", "F"} for p in pictures)
     arrays = [_picture_array(p, grey, resolution) for p in pictures]
     sizes = {a.shape for a in arrays}
@@ -184,7 +204,9 @@ def read_npz(uri: str, options: dict[str, Any]) -> RawDataset:
             keys = list(npz.files)
             image_key = next((k for k in ("images", "x", "arr_0", "data") if k in keys), None)
             if image_key is None:
-                raise InputError(f"{where} has no 'images' (or 'x' / 'arr_0') array; it has: {', '.join(keys)}")
+                raise InputError(
+                    f"{where} has no 'images' (or 'x' / 'arr_0') array; it has: {', '.join(keys)}"
+                )
             images = np.asarray(npz[image_key])
             label_key = next((k for k in ("labels", "y", "arr_1") if k in keys), None)
             labels = np.asarray(npz[label_key]) if label_key is not None else None
@@ -202,7 +224,9 @@ def read_npz(uri: str, options: dict[str, Any]) -> RawDataset:
     num_classes = 0
     if labels is not None:
         if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(f"{where}: labels must be {images.shape[0]} integers, got {labels.dtype} {labels.shape}")
+            raise InputError(
+                f"{where}: labels must be {images.shape[0]} integers, got {labels.dtype} {labels.shape}"
+            )
         if labels.min() < 0:
             raise InputError(f"{where}: labels must be >= 0, got {labels.min()}")
         labels = labels.astype(np.int64)

@@ -217,6 +217,9 @@ def run_pipeline(
                     )
                     srec.traceback = getattr(cause, "traceback", "") or ""
                     continue
+                data = json.loads(text)
+                srec.node_id = data.pop("node_id", "") or ""
+                text = json.dumps(data)
                 manifest = Manifest.from_json(text)
                 _finish(srec, "done", manifest)
                 digests[name] = manifest.digest

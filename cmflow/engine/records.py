@@ -51,6 +51,7 @@ class StageRecord:
     seconds: float = 0.0
     error: str = ""
     traceback: str = ""
+    node_id: str = ""  # the Ray node the stage's task ran on
 
 
 @dataclass

@@ -129,6 +129,7 @@ def execute_stage(task: StageTask) -> str:
             reporter.flush(task.stage)
         data = json.loads(manifest.to_json())
         data["uri"] = manifest.uri
+        data["node_id"] = _node_id()
         return json.dumps(data)
     except (TransientError, StageError):
         raise
@@ -144,6 +145,15 @@ def execute_stage(task: StageTask) -> str:
         raise error from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - informational only
+        return ""
 
 
 def _stage_tracker(task: StageTask, ctx: StageContext) -> Any:

@@ -34,7 +34,9 @@ class _ConsistencyParams(ParamsModel):
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for lpips_uri.")
     weighting: Literal["uniform", "inverse_dt"] = "uniform"
-    midpoint_sigma: float = Field(0.8, gt=0.002, lt=80, description="tau of the default 2-step sampler [80, tau].")
+    midpoint_sigma: float = Field(
+        0.8, gt=0.002, lt=80, description="tau of the default 2-step sampler [80, tau]."
+    )
     seed: int = Field(0, ge=0, description="Combined with the pipeline seed.")
     checkpoint_every: int = Field(500, ge=0, description="Steps between checkpoints (0: only the final one).")
     time_budget_s: float | None = Field(
@@ -42,7 +44,9 @@ class _ConsistencyParams(ParamsModel):
     )
     grid_samples: int = Field(64, ge=0, le=1024, description="Samples per grid PNG (0: no grids).")
     log_every: int = Field(50, ge=1, description="Steps between metric rows (not part of the cache key).")
-    max_failures: int = Field(3, ge=0, description="Ray Train restarts after lost workers (not in the cache key).")
+    max_failures: int = Field(
+        3, ge=0, description="Ray Train restarts after lost workers (not in the cache key)."
+    )
     pid_dir: str | None = Field(None, description="Testing only: workers write rank<i>.pid files here.")
 
     @model_validator(mode="after")
@@ -53,8 +57,12 @@ class _ConsistencyParams(ParamsModel):
 
 
 class DistillParams(_ConsistencyParams):
-    num_scales: int = Field(18, ge=2, description="N, the Karras grid size (CM: 18 CIFAR-10, 40 ImageNet-64).")
-    mu: float = Field(0.95, ge=0, le=1, description="Target EMA rate mu (theta- <- mu theta- + (1-mu) theta).")
+    num_scales: int = Field(
+        18, ge=2, description="N, the Karras grid size (CM: 18 CIFAR-10, 40 ImageNet-64)."
+    )
+    mu: float = Field(
+        0.95, ge=0, le=1, description="Target EMA rate mu (theta- <- mu theta- + (1-mu) theta)."
+    )
 
 
 class TrainCMParams(_ConsistencyParams):
@@ -108,7 +116,9 @@ def distill(params: DistillParams, inputs: dict[str, Artifact], ctx: StageContex
     if teacher_config.get("kind") != "edm":
         from cmflow.errors import InputError
 
-        raise InputError(f"stage {ctx.stage!r}: input 'teacher' must be an EDM model, got {teacher_config.get('kind')}")
+        raise InputError(
+            f"stage {ctx.stage!r}: input 'teacher' must be an EDM model, got {teacher_config.get('kind')}"
+        )
     config = {**teacher_config, "kind": "cm"}
     config.pop("source", None)
     config.pop("steps", None)
@@ -135,8 +145,11 @@ def train_cm(params: TrainCMParams, inputs: dict[str, Artifact], ctx: StageConte
     from cmflow.training.builders import build_cm
 
     info = inputs["data"].read_json("dataset.json")
-    config = model_config(build_cm(params.preset, params.unet, info["channels"], info["resolution"],
-                                   f"stages.{ctx.stage}.params"))
+    config = model_config(
+        build_cm(
+            params.preset, params.unet, info["channels"], info["resolution"], f"stages.{ctx.stage}.params"
+        )
+    )
     return _train_and_write(params.method, params, inputs, ctx, config, teacher_digest=None)
 
 
@@ -202,8 +215,12 @@ def _grids(model: Any, config: dict[str, Any], params: _ConsistencyParams, ctx: 
     from cmflow.training.generate import sample_range
 
     image = config["image"]
-    kwargs = {"shape": (image["channels"], image["resolution"], image["resolution"]), "method": "cm",
-              "num_classes": config.get("num_classes", 0), "class_labels": "uniform"}
+    kwargs = {
+        "shape": (image["channels"], image["resolution"], image["resolution"]),
+        "method": "cm",
+        "num_classes": config.get("num_classes", 0),
+        "class_labels": "uniform",
+    }
     for name, sigmas in (("samples-1step.png", [80.0]), ("samples-2step.png", [80.0, params.midpoint_sigma])):
         images, _ = sample_range(model.eval(), 0, params.grid_samples, 256, sigmas=sigmas, **kwargs)
         save_grid(images, ctx.out_dir / name)

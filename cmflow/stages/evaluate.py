@@ -31,6 +31,7 @@ REPORT_FORMAT = 1
 #: 2-step midpoint search samples use per-sample seeds from here on, disjoint from the evaluation seeds.
 SEARCH_SEED_OFFSET = 2_000_000_000
 SETTING_TEACHER, SETTING_1STEP, SETTING_2STEP = "teacher", "cm-1step", "cm-2step"
+TEACHER_RESULTS_KIND = "fid_teacher"
 
 
 class EvaluateParams(ParamsModel):
@@ -63,13 +64,17 @@ class EvaluateParams(ParamsModel):
     search_samples: int = Field(2000, ge=4, description="Samples per FID score during the midpoint search.")
     search_iters: int = Field(8, ge=1, le=30, description="Ternary-search iterations (2 scores each).")
     search_range: tuple[float, float] = Field((0.05, 20.0), description="Search interval for tau (log scale).")
-    kid_subsets: int = Field(50, ge=1, le=1000, description="KID subsets (cost grows linearly).")
+    kid_subsets: int = Field(10, ge=1, le=1000, description="KID subsets (cost grows linearly).")
     kid_subset_size: int = Field(1000, ge=2, description="Rows per KID subset (capped by both sample counts).")
     pr_k: int = Field(3, ge=1, le=100, description="k of the k-NN manifolds for precision/recall.")
     pr_max_samples: int = Field(
         10_000, ge=4, description="Rows per side for precision/recall: min(real, generated, this)."
     )
     grid_size: int = Field(8, ge=1, le=64, description="Sample grids hold grid_size x grid_size images.")
+    reuse_teacher: bool = Field(
+        True, description="Keep the sampled teacher's per-seed results in the store and reuse them (same teacher, "
+        "seeds, sampler, extractor, reference and metric settings): one teacher is sampled once."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateParams:
@@ -225,6 +230,7 @@ class _Setting:
     images_for: Callable[[int], Iterator[Any]]  # seed -> batches of uint8 images
     cost: float
     info: dict[str, Any]
+    cache: Any = None  # a _SeedCache of per-seed results, or None
 
 
 def _generated(sampler: Callable[[range], Any], num_samples: int, batch_size: int) -> Callable[[int], Iterator[Any]]:
@@ -271,15 +277,16 @@ def _teacher_samples_setting(
 
 def _measure(
     setting: _Setting, seed: int, extractor: Any, reference: Any, params: EvaluateParams, feature_batch: int,
-    progress: _Progress, grid: list[Any],
-) -> dict[str, Any]:
-    """FID / KID / precision / recall of one setting at one seed; the first images go into ``grid``."""
+    progress: _Progress,
+) -> tuple[dict[str, Any], Any]:
+    """FID / KID / precision / recall of one setting at one seed, and its first grid_size^2 images."""
     import numpy as np
 
     from cmflow.metrics.extractors import compute_stats
     from cmflow.metrics.stats import fid_from_stats, kid, precision_recall
 
     want = params.grid_size**2
+    grid: list[Any] = []
 
     def batches() -> Iterator[Any]:
         for images in setting.images_for(seed):
@@ -291,11 +298,12 @@ def _measure(
     stats = compute_stats(extractor, batches(), batch_size=feature_batch, keep_features=True)
     mu, sigma = stats.to_moments()
     fake = stats.features
-    real = reference.features
+    real = reference.features  # a fixed random subset of the real images (see cmflow.metrics.refstats)
     kid_mean, kid_std = kid(fake, real, num_subsets=params.kid_subsets, subset_size=params.kid_subset_size)
+    # k-NN radii depend on the sample size, so both manifolds get the same number of points
     m = min(real.shape[0], fake.shape[0], params.pr_max_samples)
     precision, recall = precision_recall(real[:m], fake[:m], k=params.pr_k) if m > params.pr_k else (None, None)
-    return {
+    row = {
         "seed": seed,
         "num_samples": int(stats.n),
         "fid": fid_from_stats(mu, sigma, reference.stats.mu, reference.stats.sigma),
@@ -305,6 +313,54 @@ def _measure(
         "recall": recall,
         "pr_samples": int(m),
     }
+    return row, np.stack(grid)
+
+
+@dataclass
+class _SeedCache:
+    """Per-seed results of one sampled teacher, kept in the store as write-once ``fid_teacher`` artifacts.
+
+    The teacher is by far the most expensive setting (NFE 35) and does not change when only the student
+    does, so its per-seed numbers are keyed by everything they depend on -- the teacher's digest, the seed,
+    sample count, sampler, extractor weights, reference digest, metric settings and the stage's code
+    fingerprint -- and reused by any later evaluation of the same teacher.
+    """
+
+    storage: Any
+    components: dict[str, Any]
+    producer: dict[str, Any]
+
+    def key(self, seed: int) -> str:
+        from cmflow.storage import canonical_json, sha256_bytes
+
+        return sha256_bytes(canonical_json({**self.components, "seed": seed}).encode())
+
+    def get(self, seed: int) -> tuple[dict[str, Any], Any] | None:
+        import io
+
+        import numpy as np
+
+        from cmflow.cache import lookup
+
+        found = lookup(self.storage, TEACHER_RESULTS_KIND, self.key(seed))
+        if not found.hit:
+            return None
+        row = json.loads(self.storage.read_artifact_file(found.manifest, "measure.json"))
+        grid = np.load(io.BytesIO(self.storage.read_artifact_file(found.manifest, "grid.npy")), allow_pickle=False)
+        return row, grid
+
+    def put(self, seed: int, row: dict[str, Any], grid: Any) -> None:
+        import tempfile
+        from pathlib import Path
+
+        import numpy as np
+
+        with tempfile.TemporaryDirectory(prefix="cmflow-fid-teacher-") as tmp:
+            folder = Path(tmp)
+            (folder / "measure.json").write_text(json.dumps(row, sort_keys=True, allow_nan=False))
+            np.save(folder / "grid.npy", grid, allow_pickle=False)
+            self.storage.commit(TEACHER_RESULTS_KIND, self.key(seed), folder, meta={"seed": seed, "fid": row["fid"]},
+                                key_components={**self.components, "seed": seed}, producer=self.producer)
 
 
 def _spread(values: list[float | None]) -> dict[str, float | None]:
@@ -325,17 +381,26 @@ def _spread(values: list[float | None]) -> dict[str, float | None]:
 
 def _run_setting(
     setting: _Setting, extractor: Any, reference: Any, params: EvaluateParams, feature_batch: int,
-    progress: _Progress,
+    progress: _Progress, cache: _SeedCache | None = None,
 ) -> tuple[dict[str, Any], Any]:
-    import numpy as np
-
-    grid: list[Any] = []
-    per_seed = [_measure(setting, s, extractor, reference, params, feature_batch, progress, grid) for s in setting.seeds]
+    """All seeds of one setting (from ``cache`` where it has them): the report entry and the first seed's grid."""
+    per_seed, grids, cached = [], [], []
+    for seed in setting.seeds:
+        found = cache.get(seed) if cache is not None else None
+        if found is not None:
+            progress.add(setting.cost * params.num_samples, f"{setting.name} seed {seed} (cached)")
+            cached.append(seed)
+        else:
+            found = _measure(setting, seed, extractor, reference, params, feature_batch, progress)
+            if cache is not None:
+                cache.put(seed, *found)
+        per_seed.append(found[0])
+        grids.append(found[1])
     summary = {m: _spread([row[m] for row in per_seed]) for m in ("fid", "kid", "precision", "recall")}
-    return (
-        {"nfe": setting.nfe, **setting.info, "seeds": setting.seeds, "per_seed": per_seed, "summary": summary},
-        np.stack(grid) if grid else None,
-    )
+    entry = {"nfe": setting.nfe, **setting.info, "seeds": setting.seeds, "per_seed": per_seed, "summary": summary}
+    if cache is not None:
+        entry["cached_seeds"] = cached
+    return entry, grids[0]
 
 
 # -- the 2-step midpoint ---------------------------------------------------------------------------------------
@@ -393,7 +458,7 @@ def _midpoint(
     version="1",
     inputs=("data", "model"),
     optional_inputs=("teacher", "teacher_samples"),
-    cache_ignore=("batch_size", "feature_batch_size"),
+    cache_ignore=("batch_size", "feature_batch_size", "reuse_teacher"),
     code_deps=(
         "cmflow.metrics.stats", "cmflow.metrics.extractors", "cmflow.metrics.digits_net", "cmflow.metrics.inception",
         "cmflow.metrics.reference", "cmflow.metrics.refstats", "cmflow.metrics.plot",
@@ -468,10 +533,21 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageCont
         sampler = _sampler(teacher, method="edm", num_steps=params.teacher_steps, dtype=params.teacher_dtype,
                            **{**common, "num_classes": int(teacher_config.get("num_classes", 0) or 0)})
         nfe = 2 * params.teacher_steps - 1
+        cache = None
+        if params.reuse_teacher:
+            components = {
+                "format": REPORT_FORMAT, "code": evaluate.stage_def.code_fingerprint(),  # type: ignore[attr-defined]
+                "teacher": inputs["teacher"].digest, "num_samples": n, "num_steps": params.teacher_steps,
+                "dtype": params.teacher_dtype, "shape": list(shape), "extractor": extractor.name,
+                "extractor_sha256": extractor.weights_sha256, "reference": reference.digest,
+                "kid": [params.kid_subsets, params.kid_subset_size], "pr": [params.pr_k, params.pr_max_samples],
+                "grid_size": params.grid_size,
+            }
+            cache = _SeedCache(ctx.storage, components, {"run_id": ctx.run_id, "stage": ctx.stage})
         settings.append(_Setting(SETTING_TEACHER, nfe, teacher_seeds, _generated(sampler, n, params.batch_size),
                                  cost=nfe + 1.0, info={"source": "sampled", "sampler": "edm-heun",
                                                        "num_steps": params.teacher_steps, "dtype": params.teacher_dtype,
-                                                       "artifact_digest": inputs["teacher"].digest}))
+                                                       "artifact_digest": inputs["teacher"].digest}, cache=cache))
     for name, sigmas in ((SETTING_1STEP, (sigma_max,)), (SETTING_2STEP, (sigma_max, tau))):
         settings.append(_Setting(name, len(sigmas), list(params.seeds), _generated(cm_sampler(sigmas), n,
                                  params.batch_size), cost=len(sigmas) + 1.0,
@@ -481,7 +557,8 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageCont
     results: dict[str, dict[str, Any]] = {}
     for setting in settings:
         clock = time.perf_counter()
-        results[setting.name], grid = _run_setting(setting, extractor, reference, params, feature_batch, progress)
+        results[setting.name], grid = _run_setting(setting, extractor, reference, params, feature_batch, progress,
+                                                   setting.cache)
         if grid is not None:
             save_grid(grid, ctx.out_dir / f"grid-{setting.name}.png", cols=params.grid_size)
         timing[setting.name] = time.perf_counter() - clock

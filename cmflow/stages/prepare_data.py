@@ -62,6 +62,8 @@ def prepare_data(params: PrepareDataParams, inputs: dict[str, Artifact], ctx: St
         images, labels = with_hflips(images, labels)
     num_classes = raw.num_classes if labels is not None else 0
     extra = {"class_names": raw.class_names} if labels is not None and raw.class_names else {}
-    info = write_dataset(ctx.out_dir, images, labels, source=params.source, num_classes=num_classes, extra=extra)
+    info = write_dataset(
+        ctx.out_dir, images, labels, source=params.source, num_classes=num_classes, extra=extra
+    )
     ctx.progress(3, 3, message=f"{info['num_images']} images written")
     return dataset_meta(info)

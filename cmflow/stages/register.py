@@ -187,6 +187,22 @@ def register(params: RegisterParams, inputs: dict[str, Artifact], ctx: StageCont
     return {k: v for k, v in registered.items() if k != "run_id"}
 
 
+def _tag_stage_run(ctx: StageContext, tags: dict[str, str]) -> None:
+    """Record this execution's decision on the stage's own MLflow run.
+
+    The committed ``promotion.json`` is write-once per cache key, so with ``cache.enabled: false`` a rerun
+    whose inputs are unchanged keeps the first run's file; the run's tags tell what this run decided.
+    """
+    tracking = ctx.tracking or {}
+    if not tracking.get("stage_run_id"):
+        return
+    from cmflow.tracking import client_for
+
+    client = client_for(str(tracking["uri"]))
+    for key, value in tags.items():
+        client.set_tag(str(tracking["stage_run_id"]), key, value)
+
+
 @stage("promote", params=PromoteParams, version="1", inputs=("registered",), code_deps=("cmflow.registry",))
 def promote(params: PromoteParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
     """Gate the registered version against the current champion and, with policy auto, promote it.
@@ -212,6 +228,16 @@ def promote(params: PromoteParams, inputs: dict[str, Artifact], ctx: StageContex
         client, registered["model_name"], registered["version"], gate, alias=params.alias
     )
     summary = result.to_dict()
+    _tag_stage_run(
+        ctx,
+        {
+            "cmflow.promotion.outcome": result.outcome,
+            "cmflow.promotion.version": result.version,
+            "cmflow.promotion.champion_before": result.champion_before or "",
+            "cmflow.promotion.champion_after": result.champion_after or "",
+            "cmflow.promotion.reason": result.message[:5000],
+        },
+    )
     (ctx.out_dir / "promotion.json").write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
     if params.fail_on_reject and result.outcome not in {"promoted", "noop"}:
         raise GateRejected(f"v{result.version} of {result.model_name} was not promoted: {result.message}")

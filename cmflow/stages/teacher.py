@@ -39,7 +39,9 @@ class TeacherParams(ParamsModel):
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `uri`.")
     preset: Preset = Field("digits", description="UNet preset (cmflow.models.unet.UNET_PRESETS).")
-    unet: dict[str, Any] = Field(default_factory=dict, description="Overrides of the preset's UNetConfig fields.")
+    unet: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the preset's UNetConfig fields."
+    )
     steps: int = Field(2600, ge=0, description="Optimizer steps.")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -112,7 +114,9 @@ def teacher(params: TeacherParams, inputs: dict[str, Artifact], ctx: StageContex
     return {"params_count": count_params(ema), "final_loss": final_loss(state), "steps": state.step}
 
 
-def _train_teacher(params: TeacherParams, images: Any, labels: Any, info: dict[str, Any], ctx: StageContext) -> Any:
+def _train_teacher(
+    params: TeacherParams, images: Any, labels: Any, info: dict[str, Any], ctx: StageContext
+) -> Any:
     import torch
 
     from cmflow.diffusion.losses import EDMLoss
@@ -129,7 +133,9 @@ def _train_teacher(params: TeacherParams, images: Any, labels: Any, info: dict[s
     )
 
     device = torch.device(ctx.device)
-    net = build_edm(params.preset, params.unet, info["channels"], info["resolution"], f"stages.{ctx.stage}.params")
+    net = build_edm(
+        params.preset, params.unet, info["channels"], info["resolution"], f"stages.{ctx.stage}.params"
+    )
     num_classes = net.backbone.config.num_classes
     labels = _check_labels(num_classes, labels, info, ctx.stage)
     net = net.to(device)
@@ -137,8 +143,13 @@ def _train_teacher(params: TeacherParams, images: Any, labels: Any, info: dict[s
     state = TrainState(net, frozen_copy(net), make_optimizer(net.parameters(), cfg))
     store = _WorkCheckpoints(ctx)
     store.resume(state)
-    data = DataSampler(torch.from_numpy(images), torch.from_numpy(labels) if labels is not None else None,
-                       params.batch_size, seed=_seed(params.seed, ctx.seed), device=device)
+    data = DataSampler(
+        torch.from_numpy(images),
+        torch.from_numpy(labels) if labels is not None else None,
+        params.batch_size,
+        seed=_seed(params.seed, ctx.seed),
+        device=device,
+    )
     step = teacher_step(EDMLoss(params.p_mean, params.p_std), data, cfg, params.ema_rate)
     hooks = LoopHooks(
         on_log=lambda row: _log(ctx, row, params.steps, "teacher"),
@@ -146,8 +157,15 @@ def _train_teacher(params: TeacherParams, images: Any, labels: Any, info: dict[s
         should_stop=_budget(params.time_budget_s),
     )
     started = time.time()
-    run_loop(state, step, total_steps=params.steps, images_per_step=params.batch_size,
-             log_every=params.log_every, checkpoint_every=params.checkpoint_every, hooks=hooks)
+    run_loop(
+        state,
+        step,
+        total_steps=params.steps,
+        images_per_step=params.batch_size,
+        log_every=params.log_every,
+        checkpoint_every=params.checkpoint_every,
+        hooks=hooks,
+    )
     if state.step > state.resumed_from_step and params.checkpoint_every > 0:
         store.save(state)
     ctx.progress(state.step, params.steps, message=f"trained in {time.time() - started:.0f} s")
@@ -229,8 +247,15 @@ def _teacher_grid(model: Any, params: TeacherParams, config: dict[str, Any], ctx
 
     image = config["image"]
     images, _ = sample_range(
-        model.eval(), 0, params.grid_samples, 256, shape=(image["channels"], image["resolution"], image["resolution"]),
-        method="edm", num_steps=18, num_classes=config.get("num_classes", 0), class_labels="uniform",
+        model.eval(),
+        0,
+        params.grid_samples,
+        256,
+        shape=(image["channels"], image["resolution"], image["resolution"]),
+        method="edm",
+        num_steps=18,
+        num_classes=config.get("num_classes", 0),
+        class_labels="uniform",
         device=next(model.parameters()).device,
     )
     save_grid(images, ctx.out_dir / "samples.png")
@@ -276,7 +301,9 @@ def _sample_seed_ranges(
     optional_inputs=("data",),
     code_deps=TRAINING_DEPS,
 )
-def teacher_sample(params: TeacherSampleParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
+def teacher_sample(
+    params: TeacherSampleParams, inputs: dict[str, Artifact], ctx: StageContext
+) -> dict[str, Any]:
     """Heun-sample ``num_samples`` images (seeds ``seed_start``...) from the teacher, fanned out over
     ``num_tasks`` Ray tasks by seed range; writes ``images.npy`` (+ ``labels.npy``) and ``dataset.json`` in the
     prepare_data format, so it can replace the dataset as distillation input (data-free CD).
@@ -291,7 +318,9 @@ def teacher_sample(params: TeacherSampleParams, inputs: dict[str, Artifact], ctx
 
     config = inputs["teacher"].read_json("model.json")
     if config.get("kind") != "edm":
-        raise InputError(f"stage {ctx.stage!r}: input 'teacher' holds a {config.get('kind')!r} model, not an EDM one")
+        raise InputError(
+            f"stage {ctx.stage!r}: input 'teacher' holds a {config.get('kind')!r} model, not an EDM one"
+        )
     weights = inputs["teacher"].read_bytes("model.safetensors")
     image, num_classes = config["image"], int(config.get("num_classes", 0))
     if num_classes and params.class_labels is None:
@@ -317,15 +346,26 @@ def teacher_sample(params: TeacherSampleParams, inputs: dict[str, Artifact], ctx
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts]) if parts[0][1] is not None else None
     info = write_dataset(
-        ctx.out_dir, images, labels, source="teacher_sample", num_classes=num_classes,
-        extra={"teacher_digest": inputs["teacher"].digest, "num_steps": params.num_steps,
-               "nfe": 2 * params.num_steps - 1, "seed_start": params.seed_start},
+        ctx.out_dir,
+        images,
+        labels,
+        source="teacher_sample",
+        num_classes=num_classes,
+        extra={
+            "teacher_digest": inputs["teacher"].digest,
+            "num_steps": params.num_steps,
+            "nfe": 2 * params.num_steps - 1,
+            "seed_start": params.seed_start,
+        },
     )
     return {**dataset_meta(info), "nfe": 2 * params.num_steps - 1}
 
 
 def _run_chunks(
-    weights: bytes, config: dict[str, Any], chunks: list[list[tuple[int, int]]], kwargs: dict[str, Any],
+    weights: bytes,
+    config: dict[str, Any],
+    chunks: list[list[tuple[int, int]]],
+    kwargs: dict[str, Any],
     ctx: StageContext,
 ) -> list[tuple[Any, Any]]:
     """Each chunk in its own Ray task when Ray is up and there is more than one; else here, in order."""

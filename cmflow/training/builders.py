@@ -90,6 +90,8 @@ def load_model_uri(uri: str, options: dict[str, Any], kind: str) -> tuple[Any, d
     except RuntimeError as exc:
         first = str(exc).splitlines()[0][:200]
         if "state_dict" in first or "size mismatch" in str(exc):
-            raise InputError(f"{where}/{weights_name} does not fit the architecture in model.json ({first})") from None
+            raise InputError(
+                f"{where}/{weights_name} does not fit the architecture in model.json ({first})"
+            ) from None
         raise InputError(f"{where}/{weights_name} is not a readable weights file ({first})") from None
     return model, config

@@ -26,8 +26,9 @@ def batch_ranges(seed_start: int, num_samples: int, batch_size: int) -> list[tup
     return [(s, min(s + batch_size, end)) for s in range(seed_start, end, batch_size)]
 
 
-def _labels(rnd: StackedRandomGenerator, num_classes: int, class_labels: ClassLabels,
-            device: torch.device) -> torch.Tensor | None:
+def _labels(
+    rnd: StackedRandomGenerator, num_classes: int, class_labels: ClassLabels, device: torch.device
+) -> torch.Tensor | None:
     if num_classes == 0:
         return None
     if class_labels is None or class_labels == "uniform":
@@ -78,8 +79,10 @@ def sample_range(
     **kwargs: object,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """All images for seeds [seed_start, seed_start + num_samples), batch by batch (see :func:`sample_images`)."""
-    parts = [sample_images(model, range(a, b), **kwargs) for a, b in batch_ranges(seed_start, num_samples,
-                                                                                 batch_size)]
+    parts = [
+        sample_images(model, range(a, b), **kwargs)
+        for a, b in batch_ranges(seed_start, num_samples, batch_size)
+    ]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts]) if parts and parts[0][1] is not None else None
     return images, labels

@@ -151,8 +151,9 @@ def cd_step(
     def step(state: TrainState, k: int) -> float:
         assert state.target is not None
         x, labels, generator = data.batch(k)
-        loss = loss_fn(forward or state.online, state.target, teacher, x, class_labels=labels,
-                       generator=generator).mean()
+        loss = loss_fn(
+            forward or state.online, state.target, teacher, x, class_labels=labels, generator=generator
+        ).mean()
         value = _optimise(state, cfg, k, loss)
         ema_update(state.target, state.online, mu)
         ema_update(state.ema, state.online, ema_warmup_rate(k, ema_rate))
@@ -179,8 +180,14 @@ def ct_step(
         assert state.target is not None
         x, labels, generator = data.batch(k)
         num_scales = ct_num_steps(k, total_steps, s0, s1)
-        loss = loss_fn(forward or state.online, state.target, x, num_scales=num_scales, class_labels=labels,
-                       generator=generator).mean()
+        loss = loss_fn(
+            forward or state.online,
+            state.target,
+            x,
+            num_scales=num_scales,
+            class_labels=labels,
+            generator=generator,
+        ).mean()
         value = _optimise(state, cfg, k, loss)
         ema_update(state.target, state.online, ct_ema_rate(k, total_steps, s0, mu0, s1))
         ema_update(state.ema, state.online, ema_warmup_rate(k, ema_rate))
@@ -206,8 +213,15 @@ def ict_step(
         x, labels, generator = data.batch(k)
         num_scales = ict_num_steps(k, total_steps, s0, s1)
         # CTLoss.__call__ with the bare module as target: the same weights as a DDP-wrapped online network.
-        loss = CTLoss.__call__(loss_fn, forward or state.online, state.online, x, num_scales=num_scales,
-                               class_labels=labels, generator=generator).mean()
+        loss = CTLoss.__call__(
+            loss_fn,
+            forward or state.online,
+            state.online,
+            x,
+            num_scales=num_scales,
+            class_labels=labels,
+            generator=generator,
+        ).mean()
         value = _optimise(state, cfg, k, loss)
         ema_update(state.ema, state.online, ema_warmup_rate(k, ema_rate))
         return value
@@ -258,7 +272,11 @@ def run_loop(
             if hooks.reduce_loss is not None:
                 loss = hooks.reduce_loss(loss)
             elapsed = max(time.perf_counter() - window_start, 1e-9)
-            row = {"step": float(state.step), "loss": loss, "imgs_per_s": window_steps * images_per_step / elapsed}
+            row = {
+                "step": float(state.step),
+                "loss": loss,
+                "imgs_per_s": window_steps * images_per_step / elapsed,
+            }
             state.metrics.append(row)
             if hooks.on_log is not None:
                 hooks.on_log(row)

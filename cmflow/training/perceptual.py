@@ -51,7 +51,9 @@ class PerceptualDistance(nn.Module):
         self.lins = nn.ModuleList(nn.Conv2d(int(w[-1]), 1, 1, bias=False) for w in config["stages"])
         for lin in self.lins:
             nn.init.ones_(lin.weight)
-        mean = torch.tensor(config.get("mean", [0.5] * int(config.get("in_channels", 3))), dtype=torch.float32)
+        mean = torch.tensor(
+            config.get("mean", [0.5] * int(config.get("in_channels", 3))), dtype=torch.float32
+        )
         std = torch.tensor(config.get("std", [0.5] * int(config.get("in_channels", 3))), dtype=torch.float32)
         self.register_buffer("mean", mean.reshape(1, -1, 1, 1))
         self.register_buffer("std", std.reshape(1, -1, 1, 1))
@@ -102,10 +104,93 @@ def load_perceptual_uri(uri: str | None, options: dict[str, Any]) -> PerceptualD
     from cmflow.storage import open_uri
 
     if not uri:
-        raise InputError("distance 'lpips' needs lpips_uri: a folder with perceptual.json + perceptual.safetensors")
+        raise InputError(
+            "distance 'lpips' needs lpips_uri: a folder with perceptual.json + perceptual.safetensors"
+        )
     base = uri.rstrip("/")
     try:
         config = json.loads(open_uri(f"{base}/{CONFIG}", options))
         return load_perceptual(open_uri(f"{base}/{WEIGHTS}", options), config)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise InputError(f"{redact_uri(base)} is not a usable perceptual network ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# A small perceptual network for low-resolution datasets (digits), trained here as a classifier
+
+
+def small_config(in_channels: int, resolution: int, widths: tuple[int, ...] = (32, 64)) -> dict[str, Any]:
+    """Config of a small 2-stage conv/ReLU network evaluated at the data's native ``resolution``."""
+    return {
+        "format": 1,
+        "kind": "perceptual",
+        "stages": [[w, w] for w in widths],
+        "in_channels": in_channels,
+        "pool": "avg",
+        "mean": [0.5] * in_channels,
+        "std": [0.5] * in_channels,
+        "resolution": resolution,
+    }
+
+
+def train_classifier_features(
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    steps: int = 300,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    widths: tuple[int, ...] = (32, 64),
+) -> tuple[PerceptualDistance, float]:
+    """Train :class:`PerceptualDistance`'s conv stages as a classifier (global average pool + linear head)
+    on uint8 (N, C, H, W) ``images``; returns (the distance module, final training accuracy).
+
+    Random +-1 pixel shifts augment the data. The head is discarded; the lins stay at one (uniform LPIPS).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    module = PerceptualDistance(small_config(images.shape[1], images.shape[-1], widths)).requires_grad_(True)
+    head = nn.Linear(int(widths[-1]), num_classes)
+    params = [p for n, p in module.named_parameters() if n.startswith("stages.")] + list(head.parameters())
+    optimizer = torch.optim.Adam(params, lr=lr)
+    x_all = images.to(torch.float32) / 255.0  # [0, 1], what the distance receives
+    correct = 0.0
+    for step in range(steps):
+        idx = torch.randint(images.shape[0], (batch_size,), generator=generator)
+        shift = torch.randint(-1, 2, (2,), generator=generator).tolist()
+        x = torch.roll(x_all[idx], shifts=shift, dims=(2, 3))
+        logits = head(module.features(x)[-1].mean(dim=(2, 3)))
+        loss = F.cross_entropy(logits, labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for group in optimizer.param_groups:  # cosine decay
+            group["lr"] = lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * (step + 1) / steps)).item())
+    with torch.no_grad():
+        logits = head(module.features(x_all)[-1].mean(dim=(2, 3)))
+        correct = float((logits.argmax(dim=1) == labels).float().mean())
+    return module.requires_grad_(False).eval(), correct
+
+
+def feature_pair_loss(loss_fn: Any, net: PerceptualDistance) -> Any:
+    """Make a CD/CT/iCT loss object use ``net`` as its distance at native resolution (no 224 resize).
+
+    Replaces the loss's ``pair_loss`` (same contract: shared dropout RNG, target under no_grad).
+    """
+    from cmflow.diffusion.rng import call_with_shared_rng
+
+    def pair_loss(student, target, x_hi, t_hi, x_lo, t_lo, class_labels):  # noqa: ANN001, ANN202
+        def online() -> Tensor:
+            return student(x_hi, t_hi, class_labels=class_labels)
+
+        def offline() -> Tensor:
+            with torch.no_grad():
+                return target(x_lo, t_lo, class_labels=class_labels)
+
+        out, tgt = call_with_shared_rng(x_hi.device, online, offline)
+        return net((out + 1) / 2, (tgt.detach() + 1) / 2)
+
+    loss_fn.pair_loss = pair_loss
+    return loss_fn

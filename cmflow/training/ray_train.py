@@ -70,7 +70,11 @@ def fit(job: TrainJob, ctx: StageContext, *, max_failures: int = 3) -> dict[str,
     from cmflow.training.checkpoint import FILENAME, load_checkpoint
 
     resources = ctx.resources
-    per_worker = {"CPU": resources.cpus, **({"GPU": resources.gpus} if resources.gpus else {}), **resources.custom}
+    per_worker = {
+        "CPU": resources.cpus,
+        **({"GPU": resources.gpus} if resources.gpus else {}),
+        **resources.custom,
+    }
     storage_path, filesystem = run_config_paths(ctx)
     trainer = TorchTrainer(
         train_worker,
@@ -137,8 +141,9 @@ def train_worker(config: dict[str, Any]) -> None:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        forward = DistributedDataParallel(run.state.online, device_ids=[device.index] if device.type == "cuda"
-                                          else None)
+        forward = DistributedDataParallel(
+            run.state.online, device_ids=[device.index] if device.type == "cuda" else None
+        )
     from cmflow.training.loop import LoopHooks, run_loop
 
     params = job.params
@@ -149,8 +154,15 @@ def train_worker(config: dict[str, Any]) -> None:
         should_stop=_budget(params.get("time_budget_s"), world),
         reduce_loss=_mean_over_workers(world),
     )
-    run_loop(run.state, step_fn, total_steps=params["steps"], images_per_step=params["batch_size"],
-             log_every=params["log_every"], checkpoint_every=params["checkpoint_every"], hooks=hooks)
+    run_loop(
+        run.state,
+        step_fn,
+        total_steps=params["steps"],
+        images_per_step=params["batch_size"],
+        log_every=params["log_every"],
+        checkpoint_every=params["checkpoint_every"],
+        hooks=hooks,
+    )
     _report(job, run.state, rank, final=True)
     flush = getattr(job.reporter, "flush", None)
     if rank == 0 and flush is not None:
@@ -171,9 +183,17 @@ def _on_log(job: TrainJob, rank: int, row: dict[str, float], total: int) -> None
         raise StageError(f"the loss became {row['loss']} at step {int(row['step'])}; lower lr")
     if rank == 0 and job.reporter is not None:
         step = int(row["step"])
-        job.reporter(job.stage, {"metrics": {"step": step, "loss": row["loss"], "imgs_per_s": row["imgs_per_s"]}})
-        job.reporter(job.stage, {"done": step, "total": total,
-                                 "message": f"loss {row['loss']:.4f}, {row['imgs_per_s']:.0f} img/s"})
+        job.reporter(
+            job.stage, {"metrics": {"step": step, "loss": row["loss"], "imgs_per_s": row["imgs_per_s"]}}
+        )
+        job.reporter(
+            job.stage,
+            {
+                "done": step,
+                "total": total,
+                "message": f"loss {row['loss']:.4f}, {row['imgs_per_s']:.0f} img/s",
+            },
+        )
 
 
 def _report(job: TrainJob, state: Any, rank: int, *, final: bool) -> None:
@@ -254,7 +274,9 @@ def build_run(job: TrainJob, device: Any, rank: int, world: int) -> _Run:
     num_classes = online.backbone.config.num_classes
     if num_classes and labels is None:
         raise InputError("the network is class-conditional but the dataset has no labels")
-    cfg = loop.OptimConfig(lr=params["lr"], optimizer=params["optimizer"], lr_warmup_steps=params["lr_warmup_steps"])
+    cfg = loop.OptimConfig(
+        lr=params["lr"], optimizer=params["optimizer"], lr_warmup_steps=params["lr_warmup_steps"]
+    )
     state = loop.TrainState(
         online=online,
         ema=loop.frozen_copy(online),
@@ -262,26 +284,60 @@ def build_run(job: TrainJob, device: Any, rank: int, world: int) -> _Run:
         target=loop.frozen_copy(online) if job.method in ("cd", "ct") else None,
     )
     data = loop.DataSampler(
-        torch.from_numpy(images), torch.from_numpy(labels) if (labels is not None and num_classes) else None,
-        params["batch_size"] // world, seed=job.seed, rank=rank, device=device,
+        torch.from_numpy(images),
+        torch.from_numpy(labels) if (labels is not None and num_classes) else None,
+        params["batch_size"] // world,
+        seed=job.seed,
+        rank=rank,
+        device=device,
     )
     lpips = _lpips(params, device)
-    common = {"distance": params["distance"], "weighting": params["weighting"], "lpips": lpips,
-              "huber_c": params.get("huber_c")}
+    common = {
+        "distance": params["distance"],
+        "weighting": params["weighting"],
+        "lpips": lpips,
+        "huber_c": params.get("huber_c"),
+    }
     ema_rate = params["ema_rate"]
     if job.method == "cd":
         teacher = _teacher(job, device)
         loss_fn = losses.CDLoss(params["num_scales"], **common)
-        return _Run(state, lambda fwd: loop.cd_step(loss_fn, teacher, data, cfg, mu=params["mu"],
-                                                    ema_rate=ema_rate, forward=fwd))
+        return _Run(
+            state,
+            lambda fwd: loop.cd_step(
+                loss_fn, teacher, data, cfg, mu=params["mu"], ema_rate=ema_rate, forward=fwd
+            ),
+        )
     if job.method == "ct":
         ct_loss = losses.CTLoss(**common)
-        return _Run(state, lambda fwd: loop.ct_step(ct_loss, data, cfg, total_steps=params["steps"],
-                                                    s0=params["s0"], s1=params["s1"], mu0=params["mu0"],
-                                                    ema_rate=ema_rate, forward=fwd))
+        return _Run(
+            state,
+            lambda fwd: loop.ct_step(
+                ct_loss,
+                data,
+                cfg,
+                total_steps=params["steps"],
+                s0=params["s0"],
+                s1=params["s1"],
+                mu0=params["mu0"],
+                ema_rate=ema_rate,
+                forward=fwd,
+            ),
+        )
     ict_loss = losses.ICTLoss(p_mean=params["p_mean"], p_std=params["p_std"], **common)
-    return _Run(state, lambda fwd: loop.ict_step(ict_loss, data, cfg, total_steps=params["steps"],
-                                                 s0=params["s0"], s1=params["s1"], ema_rate=ema_rate, forward=fwd))
+    return _Run(
+        state,
+        lambda fwd: loop.ict_step(
+            ict_loss,
+            data,
+            cfg,
+            total_steps=params["steps"],
+            s0=params["s0"],
+            s1=params["s1"],
+            ema_rate=ema_rate,
+            forward=fwd,
+        ),
+    )
 
 
 def _teacher(job: TrainJob, device: Any) -> Any:
@@ -300,8 +356,13 @@ def _initial_network(job: TrainJob, images: Any) -> Any:
         return CMPrecond.from_edm(_teacher(job, "cpu")).requires_grad_(True)
     from cmflow.training.builders import build_cm
 
-    return build_cm(job.params["preset"], job.params["unet"], images.shape[1], images.shape[2],
-                    f"stages.{job.stage}.params")
+    return build_cm(
+        job.params["preset"],
+        job.params["unet"],
+        images.shape[1],
+        images.shape[2],
+        f"stages.{job.stage}.params",
+    )
 
 
 def _lpips(params: dict[str, Any], device: Any) -> Any:

@@ -61,6 +61,16 @@ def _emit(**row: Any) -> None:
     print(json.dumps(row), flush=True)
 
 
+def _progress(row: dict[str, float]) -> None:
+    if int(row["step"]) % 500 == 0:
+        _emit(
+            kind="progress",
+            step=int(row["step"]),
+            loss=round(row["loss"], 5),
+            imgs_per_s=round(row["imgs_per_s"]),
+        )
+
+
 def _images() -> torch.Tensor:
     return torch.from_numpy(read_sklearn_digits().images)
 
@@ -76,24 +86,41 @@ def teacher(args: argparse.Namespace, scorer: Scorer) -> None:
     for stop in [*evals, args.steps]:
         if stop <= state.step or stop > args.steps:
             continue
-        run_loop(state, step, total_steps=stop, images_per_step=args.batch_size, log_every=100)
+        run_loop(
+            state,
+            step,
+            total_steps=stop,
+            images_per_step=args.batch_size,
+            log_every=100,
+            hooks=LoopHooks(on_log=_progress),
+        )
         train_s = time.time() - started
         t0 = time.time()
         fid = _fid_edm(state.ema, scorer, args.num_samples, args.num_steps)
-        _emit(kind="teacher", step=state.step, train_s=round(train_s, 1), loss=state.metrics[-1]["loss"],
-              fid_ema=round(fid, 3), eval_s=round(time.time() - t0, 1))
+        _emit(
+            kind="teacher",
+            step=state.step,
+            train_s=round(train_s, 1),
+            loss=state.metrics[-1]["loss"],
+            fid_ema=round(fid, 3),
+            eval_s=round(time.time() - t0, 1),
+        )
         started += time.time() - t0
     if args.raw:
-        _emit(kind="teacher-raw", step=state.step, fid_raw=round(_fid_edm(state.online, scorer,
-                                                                          args.num_samples, args.num_steps), 3))
+        _emit(
+            kind="teacher-raw",
+            step=state.step,
+            fid_raw=round(_fid_edm(state.online, scorer, args.num_samples, args.num_steps), 3),
+        )
     if args.out:
         save_model(state.ema.eval(), args.out, steps=state.step)
         save_model(state.online.eval(), Path(args.out) / "raw")
 
 
 def _fid_edm(model: torch.nn.Module, scorer: Scorer, num: int, num_steps: int) -> float:
-    images, _ = sample_range(model.eval(), 10_000_000, num, 500, shape=(1, 8, 8), method="edm",
-                             num_steps=num_steps)
+    images, _ = sample_range(
+        model.eval(), 10_000_000, num, 500, shape=(1, 8, 8), method="edm", num_steps=num_steps
+    )
     model.train()
     return scorer.fid(images)
 
@@ -113,23 +140,45 @@ def cd(args: argparse.Namespace, scorer: Scorer) -> None:
     assert isinstance(teacher_net, EDMPrecond)
     student = CMPrecond.from_edm(teacher_net).requires_grad_(True)
     cfg = OptimConfig(lr=args.lr, optimizer=args.optimizer, lr_warmup_steps=args.warmup)
-    state = TrainState(student, frozen_copy(student), make_optimizer(student.parameters(), cfg),
-                       target=frozen_copy(student))
+    state = TrainState(
+        student, frozen_copy(student), make_optimizer(student.parameters(), cfg), target=frozen_copy(student)
+    )
     data = DataSampler(_images(), None, args.batch_size, seed=args.seed)
-    loss_fn = CDLoss(args.num_scales, distance=args.distance)
+    if args.distance == "feature":
+        from cmflow.training.perceptual import feature_pair_loss, train_classifier_features
+
+        digits = read_sklearn_digits()
+        net, accuracy = train_classifier_features(
+            torch.from_numpy(digits.images), torch.from_numpy(digits.labels), 10, seed=args.seed + 17
+        )
+        _emit(kind="feature-net", train_accuracy=round(accuracy, 4))
+        loss_fn = feature_pair_loss(CDLoss(args.num_scales), net)
+    else:
+        loss_fn = CDLoss(args.num_scales, distance=args.distance)
     step = cd_step(loss_fn, teacher_net, data, cfg, mu=args.mu, ema_rate=args.ema)
     evals = sorted(int(s) for s in args.eval_at.split(",") if s) if args.eval_at else []
     started = time.time()
     for stop in [*evals, args.steps]:
         if stop <= state.step or stop > args.steps:
             continue
-        run_loop(state, step, total_steps=stop, images_per_step=args.batch_size, log_every=100,
-                 hooks=LoopHooks())
+        run_loop(
+            state,
+            step,
+            total_steps=stop,
+            images_per_step=args.batch_size,
+            log_every=100,
+            hooks=LoopHooks(on_log=_progress),
+        )
         train_s = time.time() - started
         t0 = time.time()
-        row = {"kind": "cd", "step": state.step, "train_s": round(train_s, 1), "loss": state.metrics[-1]["loss"],
-               "fid1_ema": round(_fid_cm(state.ema, scorer, args.num_samples, [80.0]), 3),
-               "fid1_raw": round(_fid_cm(state.online, scorer, args.num_samples, [80.0]), 3)}
+        row = {
+            "kind": "cd",
+            "step": state.step,
+            "train_s": round(train_s, 1),
+            "loss": state.metrics[-1]["loss"],
+            "fid1_ema": round(_fid_cm(state.ema, scorer, args.num_samples, [80.0]), 3),
+            "fid1_raw": round(_fid_cm(state.online, scorer, args.num_samples, [80.0]), 3),
+        }
         if stop == args.steps:
             for tau in (float(t) for t in args.taus.split(",")):
                 row[f"fid2_ema_{tau}"] = round(_fid_cm(state.ema, scorer, args.num_samples, [80.0, tau]), 3)
@@ -152,7 +201,9 @@ def fid(args: argparse.Namespace, scorer: Scorer) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("what", choices=["teacher", "cd", "fid"])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -365,6 +365,7 @@ def test_cli_create_list_disable_enable_delete_export(tmp_path: Path, capsys: py
     assert job["rayClusterSpec"]["rayVersion"] == "2.60.0"
     worker = job["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert worker["envFrom"] == [{"secretRef": {"name": "cmflow-s3"}}]  # cluster/kuberay/secrets.example.yaml
     assert main(["schedule", "tick", "--root", root]) == 2
     assert "name one schedule or pass --all" in capsys.readouterr().err
     assert main(["schedule", "delete", "weekly", "--root", root]) == 0

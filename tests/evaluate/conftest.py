@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,20 @@ from cmflow.storage import Storage
 def commit_folder(storage: Storage, kind: str, key: str, folder: Path, meta: dict[str, Any] | None = None) -> Artifact:
     """Commit ``folder`` as an artifact and return it as a stage input."""
     return Artifact(storage, storage.commit(kind, key, folder, meta=meta or {}))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One thread: these tiny workloads run several times faster on a shared 2-core machine."""
+    import torch
+
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):  # numpy's BLAS too (FID eigh, KID / precision-recall matrix products)
+        yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +82,7 @@ def make_model(storage: Storage, tmp_path: Path) -> Callable[..., Artifact]:
 
 @pytest.fixture()
 def make_ctx(storage: Storage, tmp_path: Path) -> Callable[..., StageContext]:
-    """A hand-made StageContext with a fresh out_dir and a recording reporter."""
+    """A hand-made StageContext (1 CPU) with a fresh out_dir and a recording reporter (``ctx.updates``)."""
     counter = iter(range(1000))
 
     def make(cache_key: str = "k" * 64, storage_override: Storage | None = None) -> StageContext:
@@ -77,7 +91,7 @@ def make_ctx(storage: Storage, tmp_path: Path) -> Callable[..., StageContext]:
         updates: list[dict[str, Any]] = []
         ctx = StageContext(
             run_id="test-run", stage="evaluate", kind="evaluate", cache_key=cache_key, seed=0, out_dir=out,
-            storage=storage_override or storage, resources=Resources(cpus=2),
+            storage=storage_override or storage, resources=Resources(cpus=1),
             reporter=lambda stage, update: updates.append(dict(update)),
         )
         ctx.updates = updates  # type: ignore[attr-defined]

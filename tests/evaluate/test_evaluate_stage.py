@@ -95,7 +95,7 @@ def test_report_pngs_and_batch_size_independence(
 
     # same seeds, other batch sizes: identical samples, so identical numbers; the reference is a cache hit
     ctx2 = make_ctx()
-    meta2, report2 = run({**SMALL, "batch_size": 20, "feature_batch_size": 7}, inputs, ctx2)
+    meta2, report2 = run({**SMALL, "batch_size": 20, "feature_batch_size": 7, "reuse_teacher": False}, inputs, ctx2)
     assert report2["reference"]["cache_hit"] is True
     for name in ("grid-teacher.png", "grid-cm-1step.png", "grid-cm-2step.png"):
         assert (ctx2.out_dir / name).read_bytes() == (ctx.out_dir / name).read_bytes()
@@ -106,6 +106,25 @@ def test_report_pngs_and_batch_size_independence(
     numbers = [k for k in META_KEYS if isinstance(meta[k], float)]
     assert {k: meta2[k] for k in numbers} == pytest.approx({k: meta[k] for k in numbers}, rel=1e-6)
     assert meta2["ref_stats_digest"] == meta["ref_stats_digest"]
+
+
+def test_teacher_results_are_reused_from_the_store(
+    digits_images: tuple[np.ndarray, np.ndarray], make_dataset: Callable[..., Artifact],
+    make_model: Callable[..., Artifact], make_ctx: Callable[..., StageContext],
+) -> None:
+    data, teacher = make_dataset(*digits_images), make_model("edm")
+    params = {**SMALL, "seeds": [0], "teacher_seeds": [0, 1]}
+    _, first = run(params, {"data": data, "model": make_model("cm"), "teacher": teacher}, make_ctx())
+    assert first["settings"]["teacher"]["cached_seeds"] == []
+    ctx = make_ctx()  # a new student, the same teacher: only the new teacher seed is sampled
+    _, second = run({**params, "teacher_seeds": [1, 2]}, {"data": data, "model": make_model("cm", seed=1),
+                                                         "teacher": teacher}, ctx)
+    assert second["settings"]["teacher"]["cached_seeds"] == [1]
+    assert second["settings"]["teacher"]["per_seed"][0] == first["settings"]["teacher"]["per_seed"][1]
+    assert any("teacher seed 1 (cached)" in u.get("message", "") for u in ctx.updates)  # type: ignore[attr-defined]
+    _, third = run(params, {"data": data, "model": make_model("cm"), "teacher": make_model("edm", seed=2)},
+                   make_ctx())
+    assert third["settings"]["teacher"]["cached_seeds"] == []
 
 
 def test_samples_do_not_depend_on_the_batch_split(make_model: Callable[..., Artifact]) -> None:

@@ -70,14 +70,16 @@ def test_report_metrics_keeps_finite_gate_numbers() -> None:
     meta = {
         "fid_1step": 12.5,
         "fid_2step": 9,
-        "nfe_1step": 1,
-        "kid": 0.01,
+        "nfe_teacher": 35,
+        "kid_1step": 0.01,
         "flag": True,
         "fid_x": math.inf,
+        "fid_teacher": None,
         "ref_stats_digest": "abc",
         "steps": 100,
     }
-    assert report_metrics(meta) == {"fid_1step": 12.5, "fid_2step": 9.0, "nfe_1step": 1.0, "kid": 0.01}
+    expected = {"fid_1step": 12.5, "fid_2step": 9.0, "nfe_teacher": 35.0, "kid_1step": 0.01}
+    assert report_metrics(meta) == {**expected, "nfe_1step": 1.0, "nfe_2step": 2.0}  # NFE implied by the FID
 
 
 @pytest.mark.parametrize(

@@ -163,6 +163,9 @@ def test_stage_tracker_logs_png_outputs(tmp_path: Path, mlflow_server: str) -> N
     payload = {"uri": mlflow_server, "experiment_id": exp, "parent_run_id": parent}
     tracker = StageTracker.start(payload, task, ctx)
     assert ctx.tracking["stage_run_id"] == tracker.run_id
+    import pickle
+
+    assert pickle.loads(pickle.dumps(ctx.reporter)) is None  # shipped to Ray Train workers: the inner one
     ctx.log_metrics(1, loss=0.5)
     ctx.log_metrics(2, loss=0.25)
     manifest = storage.commit("evaluate", "f" * 64, out, meta={"fid_1step": 12.0, "nested": {"nfe": 2}})

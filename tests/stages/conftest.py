@@ -27,8 +27,9 @@ def local_storage(tmp_path: Path) -> Storage:
 def digits_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Storage, Manifest]:
     """A local store holding a prepared 256-image digits dataset (shared by the tests of a module)."""
     storage = Storage(str(tmp_path_factory.mktemp("digits") / "store"))
-    manifest = run_stage(storage, "prepare_data", {"source": "sklearn-digits", "max_images": 256,
-                                                   "use_labels": False})
+    manifest = run_stage(
+        storage, "prepare_data", {"source": "sklearn-digits", "max_images": 256, "use_labels": False}
+    )
     return storage, manifest
 
 
@@ -36,5 +37,9 @@ def digits_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Storage, Man
 def tiny_teacher(digits_store: tuple[Storage, Manifest]) -> Manifest:
     """A tiny EDM teacher trained for a few steps on ``digits_store``."""
     storage, data = digits_store
-    return run_stage(storage, "teacher", {"preset": "tiny", "steps": 8, "batch_size": 16, "grid_samples": 4,
-                                          "checkpoint_every": 4}, {"data": data})
+    return run_stage(
+        storage,
+        "teacher",
+        {"preset": "tiny", "steps": 8, "batch_size": 16, "grid_samples": 4, "checkpoint_every": 4},
+        {"data": data},
+    )

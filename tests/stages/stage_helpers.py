@@ -48,14 +48,23 @@ def _manifest_text(manifest: Manifest) -> str:
     return json.dumps(data)
 
 
-def direct_ctx(storage: Storage, tmp_path: Path, kind: str, *, resources: Resources | None = None) -> StageContext:
+def direct_ctx(
+    storage: Storage, tmp_path: Path, kind: str, *, resources: Resources | None = None
+) -> StageContext:
     """A hand-made context for calling a stage function directly (what tests of errors need)."""
     out = tmp_path / f"out-{uuid.uuid4().hex[:8]}"
     out.mkdir()
     key = uuid.uuid4().hex + uuid.uuid4().hex
     return StageContext(
-        run_id="test-run", stage=kind, kind=kind, cache_key=key, seed=0, out_dir=out, storage=storage,
-        resources=resources or Resources(), work_uri=storage.uri(Storage.work_prefix(kind, key)),
+        run_id="test-run",
+        stage=kind,
+        kind=kind,
+        cache_key=key,
+        seed=0,
+        out_dir=out,
+        storage=storage,
+        resources=resources or Resources(),
+        work_uri=storage.uri(Storage.work_prefix(kind, key)),
     )
 
 

@@ -32,8 +32,10 @@ def _cifar_tarball(path: Path, num: int = 20, batch: bytes | None = None) -> np.
     }
     payload = batch if batch is not None else pickle.dumps(content, protocol=2)
     with tarfile.open(path, "w:gz") as archive:
-        for name, blob in (("cifar-10-batches-py/data_batch_1", payload),
-                           ("cifar-10-batches-py/batches.meta", pickle.dumps({b"num_cases_per_batch": num}))):
+        for name, blob in (
+            ("cifar-10-batches-py/data_batch_1", payload),
+            ("cifar-10-batches-py/batches.meta", pickle.dumps({b"num_cases_per_batch": num})),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(blob)
             archive.addfile(info, io.BytesIO(blob))
@@ -51,7 +53,9 @@ def test_sklearn_digits_scaled_to_uint8(local_storage: Storage) -> None:
     assert images.max() == 255 and images.min() == 0
     assert labels is not None and labels.dtype == np.int64 and set(np.unique(labels)) == set(range(10))
     assert info["num_classes"] == 10 and info["digest"] == dataset_digest(images, labels)
-    assert manifest.meta == {k: info[k] for k in ("num_images", "channels", "resolution", "num_classes", "digest")}
+    assert manifest.meta == {
+        k: info[k] for k in ("num_images", "channels", "resolution", "num_classes", "digest")
+    }
     assert sorted(manifest.files) == ["dataset.json", "images.npy", "labels.npy"]
 
 
@@ -62,8 +66,11 @@ def test_cifar10_tarball_with_resize_flips_and_max_images(local_storage: Storage
     images, labels, info = _load(local_storage, manifest)
     assert np.array_equal(images, data) and list(labels) == [i % 10 for i in range(20)]
     assert info["class_names"][0] == "airplane"
-    manifest = run_stage(local_storage, "prepare_data", {"source": "cifar10", "uri": f"file://{tarball}",
-                                                         "resolution": 16, "hflip": True, "max_images": 5})
+    manifest = run_stage(
+        local_storage,
+        "prepare_data",
+        {"source": "cifar10", "uri": f"file://{tarball}", "resolution": 16, "hflip": True, "max_images": 5},
+    )
     images, labels, info = _load(local_storage, manifest)
     assert images.shape == (10, 3, 16, 16) and list(labels) == [0, 1, 2, 3, 4] * 2
     assert np.array_equal(images[5:], images[:5, :, :, ::-1])
@@ -76,8 +83,9 @@ def test_cifar10_tarball_with_resize_flips_and_max_images(local_storage: Storage
         (pickle.dumps({b"data": [1, 2, 3], b"labels": [0]}, protocol=2), "must be a uint8 (N, 3072) array"),
     ],
 )
-def test_cifar10_corrupt_batches_are_input_errors(local_storage: Storage, tmp_path: Path, payload: bytes,
-                                                  message: str) -> None:
+def test_cifar10_corrupt_batches_are_input_errors(
+    local_storage: Storage, tmp_path: Path, payload: bytes, message: str
+) -> None:
     tarball = tmp_path / "bad.tar.gz"
     _cifar_tarball(tarball, batch=payload)
     params = PrepareDataParams(source="cifar10", uri=str(tarball))
@@ -103,8 +111,11 @@ def test_cifar10_pickle_with_code_is_refused(local_storage: Storage, tmp_path: P
     tarball = tmp_path / "evil.tar.gz"
     _cifar_tarball(tarball, batch=payload)
     with pytest.raises(InputError, match=r"refused: global (io|builtins).open is not allowed"):
-        prepare_data(PrepareDataParams(source="cifar10", uri=str(tarball)), {},
-                     direct_ctx(local_storage, tmp_path, "prepare_data"))
+        prepare_data(
+            PrepareDataParams(source="cifar10", uri=str(tarball)),
+            {},
+            direct_ctx(local_storage, tmp_path, "prepare_data"),
+        )
     assert not marker.exists()
 
 
@@ -130,15 +141,20 @@ def _image_folder(root: Path) -> None:
 
 def test_image_folder_classes_from_subfolders(local_storage: Storage, tmp_path: Path) -> None:
     _image_folder(tmp_path / "imgs")
-    manifest = run_stage(local_storage, "prepare_data", {"source": "image-folder", "uri": str(tmp_path / "imgs")})
+    manifest = run_stage(
+        local_storage, "prepare_data", {"source": "image-folder", "uri": str(tmp_path / "imgs")}
+    )
     images, labels, info = _load(local_storage, manifest)
     assert images.shape == (6, 1, 12, 12) and list(labels) == [0, 0, 0, 1, 1, 1]
     assert info["class_names"] == ["cat", "dog"] and info["num_classes"] == 2
     first = np.asarray(Image.open(tmp_path / "imgs" / "cat" / "0.png"))
     assert np.array_equal(images[0, 0], first)
     Image.fromarray(np.zeros((20, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "dog" / "rgb.jpg")
-    manifest = run_stage(local_storage, "prepare_data", {"source": "image-folder", "uri": str(tmp_path / "imgs"),
-                                                         "resolution": 8, "use_labels": False})
+    manifest = run_stage(
+        local_storage,
+        "prepare_data",
+        {"source": "image-folder", "uri": str(tmp_path / "imgs"), "resolution": 8, "use_labels": False},
+    )
     images, labels, info = _load(local_storage, manifest)
     assert images.shape == (7, 3, 8, 8) and labels is None and info["num_classes"] == 0
 
@@ -190,8 +206,11 @@ def test_npz_corrupt_versions(local_storage: Storage, tmp_path: Path, content: b
     path = tmp_path / "data.npz"
     path.write_bytes(content)
     with pytest.raises(InputError, match="data.npz") as err:
-        prepare_data(PrepareDataParams(source="npz", uri=str(path)), {}, direct_ctx(local_storage, tmp_path,
-                                                                                    "prepare_data"))
+        prepare_data(
+            PrepareDataParams(source="npz", uri=str(path)),
+            {},
+            direct_ctx(local_storage, tmp_path, "prepare_data"),
+        )
     assert message in str(err.value)
     with pytest.raises(StageError):
         run_stage(local_storage, "prepare_data", {"source": "npz", "uri": str(path)})

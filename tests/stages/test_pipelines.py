@@ -13,8 +13,15 @@ PIPELINES = sorted((Path(__file__).resolve().parents[2] / "pipelines").glob("*.y
 
 def test_the_expected_pipelines_exist() -> None:
     names = {p.name for p in PIPELINES}
-    assert {"digits.yaml", "digits-ict.yaml", "tiny.yaml", "cifar10-cd.yaml", "cifar10-ict.yaml",
-            "imagenet64-cd.yaml", "lsun-bedroom256-ct.yaml"} <= names
+    assert {
+        "digits.yaml",
+        "digits-ict.yaml",
+        "tiny.yaml",
+        "cifar10-cd.yaml",
+        "cifar10-ict.yaml",
+        "imagenet64-cd.yaml",
+        "lsun-bedroom256-ct.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
@@ -32,8 +39,9 @@ def test_pipeline_validates(path: Path) -> None:
             UNetConfig(img_resolution=res, in_channels=3, out_channels=3, **fields)
 
 
-@pytest.mark.parametrize("name", ["cifar10-cd.yaml", "cifar10-ict.yaml", "imagenet64-cd.yaml",
-                                  "lsun-bedroom256-ct.yaml"])
+@pytest.mark.parametrize(
+    "name", ["cifar10-cd.yaml", "cifar10-ict.yaml", "imagenet64-cd.yaml", "lsun-bedroom256-ct.yaml"]
+)
 def test_paper_pipelines_use_gpus_and_s3(name: str) -> None:
     spec = load_spec(Path(__file__).resolve().parents[2] / "pipelines" / name)
     assert spec.storage.root.startswith("s3://")

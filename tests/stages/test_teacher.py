@@ -28,22 +28,30 @@ def _export(storage: Storage, manifest: Manifest, folder: Path, weights: str = "
 
 def test_trained_teacher_artifact(digits_store: tuple[Storage, Manifest], tiny_teacher: Manifest) -> None:
     storage, _ = digits_store
-    assert sorted(tiny_teacher.files) == ["metrics.jsonl", "model.json", "model.safetensors", "raw.safetensors",
-                                          "samples.png"]
+    assert sorted(tiny_teacher.files) == [
+        "metrics.jsonl",
+        "model.json",
+        "model.safetensors",
+        "raw.safetensors",
+        "samples.png",
+    ]
     art = artifact(storage, tiny_teacher)
     config = art.read_json("model.json")
     assert config["kind"] == "edm" and config["image"] == {"channels": 1, "resolution": 8}
     assert tiny_teacher.meta["steps"] == 8 and tiny_teacher.meta["params_count"] > 0
     ema = load_model(art.read_bytes("model.safetensors"), config)
     raw = load_model(art.read_bytes("raw.safetensors"), config)
-    assert any(not torch.equal(a, b) for a, b in zip(ema.state_dict().values(), raw.state_dict().values(),
-                                                     strict=True))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(ema.state_dict().values(), raw.state_dict().values(), strict=True)
+    )
     rows = [line for line in art.read_bytes("metrics.jsonl").decode().splitlines() if line]
     assert len(rows) >= 1
 
 
-def test_rerun_with_the_same_key_resumes_from_the_work_checkpoint(digits_store: tuple[Storage, Manifest],
-                                                                  tmp_path: Path) -> None:
+def test_rerun_with_the_same_key_resumes_from_the_work_checkpoint(
+    digits_store: tuple[Storage, Manifest], tmp_path: Path
+) -> None:
     storage, data = digits_store
     params = TeacherParams(preset="tiny", steps=6, batch_size=16, checkpoint_every=3, grid_samples=0)
     messages: list[str] = []
@@ -54,12 +62,15 @@ def test_rerun_with_the_same_key_resumes_from_the_work_checkpoint(digits_store: 
     second.reporter = lambda stage, update: messages.append(str(update.get("message", "")))
     teacher(params, {"data": artifact(storage, data)}, second)
     assert "resumed from step 6" in messages
-    assert (first.out_dir / "model.safetensors").read_bytes() == (second.out_dir / "model.safetensors").read_bytes()
+    assert (first.out_dir / "model.safetensors").read_bytes() == (
+        second.out_dir / "model.safetensors"
+    ).read_bytes()
     assert [m["step"] for m in second.metrics] == [m["step"] for m in first.metrics]
 
 
-def test_load_teacher_from_file_and_s3_uris(digits_store: tuple[Storage, Manifest], tiny_teacher: Manifest,
-                                           tmp_path: Path, s3_root: tuple[str, dict]) -> None:
+def test_load_teacher_from_file_and_s3_uris(
+    digits_store: tuple[Storage, Manifest], tiny_teacher: Manifest, tmp_path: Path, s3_root: tuple[str, dict]
+) -> None:
     import fsspec
 
     storage, data = digits_store
@@ -70,14 +81,16 @@ def test_load_teacher_from_file_and_s3_uris(digits_store: tuple[Storage, Manifes
             handle.write((folder / name).read_bytes())
     expected = artifact(storage, tiny_teacher).read_bytes("model.safetensors")
     for uri, opts in ((str(folder), {}), (f"file://{folder}", {}), (f"{root}/models/edm", options)):
-        loaded = run_stage(storage, "teacher", {"uri": uri, "storage_options": opts, "grid_samples": 4},
-                           {"data": data})
+        loaded = run_stage(
+            storage, "teacher", {"uri": uri, "storage_options": opts, "grid_samples": 4}, {"data": data}
+        )
         assert artifact(storage, loaded).read_bytes("model.safetensors") == expected
         assert loaded.meta["loaded"] is True and "raw.safetensors" not in loaded.files
 
 
-def test_weights_only_pt_state_dict_is_accepted(digits_store: tuple[Storage, Manifest], tiny_teacher: Manifest,
-                                                tmp_path: Path) -> None:
+def test_weights_only_pt_state_dict_is_accepted(
+    digits_store: tuple[Storage, Manifest], tiny_teacher: Manifest, tmp_path: Path
+) -> None:
     storage, data = digits_store
     folder = _export(storage, tiny_teacher, tmp_path / "pt")
     (folder / "model.safetensors").unlink()
@@ -97,8 +110,9 @@ class _RunsCode:
         return (open, (self.marker, "w"))
 
 
-def test_pickle_with_code_is_refused(digits_store: tuple[Storage, Manifest], tiny_teacher: Manifest,
-                                     tmp_path: Path) -> None:
+def test_pickle_with_code_is_refused(
+    digits_store: tuple[Storage, Manifest], tiny_teacher: Manifest, tmp_path: Path
+) -> None:
     storage, data = digits_store
     folder = _export(storage, tiny_teacher, tmp_path / "evil")
     (folder / "model.safetensors").unlink()
@@ -107,13 +121,17 @@ def test_pickle_with_code_is_refused(digits_store: tuple[Storage, Manifest], tin
     torch.save({"backbone.conv_in.weight": _RunsCode(str(marker))}, buffer)
     (folder / "model.pt").write_bytes(buffer.getvalue())
     with pytest.raises(InputError, match="model.pt was refused: it is not a weights-only state dict") as err:
-        teacher(TeacherParams(uri=str(folder)), {"data": artifact(storage, data)},
-                direct_ctx(storage, tmp_path, "teacher"))
+        teacher(
+            TeacherParams(uri=str(folder)),
+            {"data": artifact(storage, data)},
+            direct_ctx(storage, tmp_path, "teacher"),
+        )
     assert not marker.exists() and "\n" not in str(err.value)
 
 
-def test_wrong_architecture_and_wrong_kind_are_clean_errors(digits_store: tuple[Storage, Manifest],
-                                                            tiny_teacher: Manifest, tmp_path: Path) -> None:
+def test_wrong_architecture_and_wrong_kind_are_clean_errors(
+    digits_store: tuple[Storage, Manifest], tiny_teacher: Manifest, tmp_path: Path
+) -> None:
     import json
 
     storage, data = digits_store
@@ -132,16 +150,19 @@ def test_wrong_architecture_and_wrong_kind_are_clean_errors(digits_store: tuple[
         teacher(TeacherParams(uri=str(tmp_path)), {"data": artifact(storage, data)}, ctx)
 
 
-def test_teacher_sample_is_independent_of_the_number_of_tasks(ray_session: None, digits_store: tuple[Storage,
-                                                              Manifest], tiny_teacher: Manifest,
-                                                              tmp_path: Path) -> None:
+def test_teacher_sample_is_independent_of_the_number_of_tasks(
+    ray_session: None, digits_store: tuple[Storage, Manifest], tiny_teacher: Manifest, tmp_path: Path
+) -> None:
     storage, data = digits_store
     outputs = []
     for num_tasks in (1, 2, 3):
-        params = TeacherSampleParams(num_samples=40, num_steps=4, batch_size=8, seed_start=7, num_tasks=num_tasks)
+        params = TeacherSampleParams(
+            num_samples=40, num_steps=4, batch_size=8, seed_start=7, num_tasks=num_tasks
+        )
         ctx = direct_ctx(storage, tmp_path, "teacher_sample")
-        meta = teacher_sample(params, {"teacher": artifact(storage, tiny_teacher), "data": artifact(storage, data)},
-                              ctx)
+        meta = teacher_sample(
+            params, {"teacher": artifact(storage, tiny_teacher), "data": artifact(storage, data)}, ctx
+        )
         images, labels, info = read_dataset(lambda name, d=ctx.out_dir: (d / name).read_bytes())
         outputs.append(images)
         assert images.shape == (40, 1, 8, 8) and labels is None and meta["nfe"] == 7

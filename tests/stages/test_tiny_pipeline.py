@@ -20,8 +20,9 @@ def _spec(root: str, options: dict, *overrides: str):
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_on_s3_commits_caches_and_reruns_only_what_changed(ray_session: None,
-                                                                         s3_root: tuple[str, dict]) -> None:
+def test_tiny_pipeline_on_s3_commits_caches_and_reruns_only_what_changed(
+    ray_session: None, s3_root: tuple[str, dict]
+) -> None:
     root, options = s3_root
     spec = _spec(root, options)
     first = run_pipeline(spec)
@@ -30,8 +31,14 @@ def test_tiny_pipeline_on_s3_commits_caches_and_reruns_only_what_changed(ray_ses
 
     storage = storage_for(spec)
     distill = Artifact(storage, load_output(spec, first, "distill"))
-    assert {"model.json", "model.safetensors", "online.safetensors", "metrics.jsonl", "samples-1step.png",
-            "samples-2step.png"} <= set(distill.files)
+    assert {
+        "model.json",
+        "model.safetensors",
+        "online.safetensors",
+        "metrics.jsonl",
+        "samples-1step.png",
+        "samples-2step.png",
+    } <= set(distill.files)
     config = distill.read_json("model.json")
     assert config["kind"] == "cm" and config["sampling"]["two_step_sigmas"][0] == 80.0
     assert config["teacher_digest"] == first.stages["teacher"].manifest_digest
@@ -48,4 +55,8 @@ def test_tiny_pipeline_on_s3_commits_caches_and_reruns_only_what_changed(ray_ses
 
     changed = run_pipeline(_spec(root, options, "stages.distill.params.lr=3.0e-4"))
     assert {name: s.status for name, s in changed.stages.items()} == {
-        "data": "hit", "teacher": "hit", "teacher_samples": "hit", "distill": "done"}
+        "data": "hit",
+        "teacher": "hit",
+        "teacher_samples": "hit",
+        "distill": "done",
+    }

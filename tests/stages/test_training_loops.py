@@ -33,8 +33,12 @@ def _cm_run(images: torch.Tensor, method: str) -> tuple[loop.TrainState, loop.St
     teacher = EDMPrecond(make_unet("tiny", 8, 1)).eval().requires_grad_(False)
     student = CMPrecond.from_edm(teacher).requires_grad_(True)
     cfg = loop.OptimConfig(lr=1e-3)
-    state = loop.TrainState(student, loop.frozen_copy(student), loop.make_optimizer(student.parameters(), cfg),
-                            target=None if method == "ict" else loop.frozen_copy(student))
+    state = loop.TrainState(
+        student,
+        loop.frozen_copy(student),
+        loop.make_optimizer(student.parameters(), cfg),
+        target=None if method == "ict" else loop.frozen_copy(student),
+    )
     data = loop.DataSampler(images, None, 16, seed=3)
     if method == "cd":
         return state, loop.cd_step(CDLoss(18), teacher, data, cfg, mu=0.95, ema_rate=0.99)
@@ -46,8 +50,14 @@ def _cm_run(images: torch.Tensor, method: str) -> tuple[loop.TrainState, loop.St
 def test_teacher_loss_falls_and_rows_are_logged(images: torch.Tensor) -> None:
     state, step = _teacher_run(images)
     rows: list[dict[str, float]] = []
-    loop.run_loop(state, step, total_steps=60, images_per_step=32, log_every=20,
-                  hooks=loop.LoopHooks(on_log=rows.append))
+    loop.run_loop(
+        state,
+        step,
+        total_steps=60,
+        images_per_step=32,
+        log_every=20,
+        hooks=loop.LoopHooks(on_log=rows.append),
+    )
     assert [r["step"] for r in rows] == [20, 40, 60] and rows == state.metrics
     assert rows[-1]["loss"] < rows[0]["loss"] and all(r["imgs_per_s"] > 0 for r in rows)
 
@@ -67,8 +77,15 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(images: torch.Tensor, 
 
     first, step = make()
     saved: list[bytes] = []
-    loop.run_loop(first, step, total_steps=5, images_per_step=16, log_every=4, checkpoint_every=4,
-                  hooks=loop.LoopHooks(on_checkpoint=lambda s: saved.append(checkpoint.checkpoint_bytes(s))))
+    loop.run_loop(
+        first,
+        step,
+        total_steps=5,
+        images_per_step=16,
+        log_every=4,
+        checkpoint_every=4,
+        hooks=loop.LoopHooks(on_checkpoint=lambda s: saved.append(checkpoint.checkpoint_bytes(s))),
+    )
     resumed, step = make()  # fresh weights and optimizer: everything must come from the checkpoint
     checkpoint.restore(resumed, checkpoint.load_checkpoint(saved[0]))
     assert resumed.step == resumed.resumed_from_step == 4
@@ -82,8 +99,14 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(images: torch.Tensor, 
 
 def test_time_budget_stops_early(images: torch.Tensor) -> None:
     state, step = _teacher_run(images)
-    loop.run_loop(state, step, total_steps=10_000, images_per_step=32, log_every=1000,
-                  hooks=loop.LoopHooks(should_stop=lambda s: s.step >= 3))
+    loop.run_loop(
+        state,
+        step,
+        total_steps=10_000,
+        images_per_step=32,
+        log_every=1000,
+        hooks=loop.LoopHooks(should_stop=lambda s: s.step >= 3),
+    )
     assert state.step == 3 and state.metrics[-1]["step"] == 3
 
 
