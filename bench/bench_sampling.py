@@ -1,7 +1,8 @@
 """Sampling throughput on CPU: EDM Heun teacher (NFE 35) vs 1- and 2-step consistency sampling.
 
-Same backbone (UNet preset, default "digits" at 8x8x1), same batch, same threads; weights are random (speed does
-not depend on them). Reports the median wall time per batch over ``--repeats`` runs after one warm-up run.
+Same backbone (UNet preset, default "digits" at 8x8x1), same batch, same threads; weights are random (speed
+does not depend on them). Reports the median wall time per batch over ``--repeats`` runs after one warm-up
+run; the runs of the three samplers are interleaved so that a shared, loaded machine affects them alike.
 
     .venv/bin/python bench/bench_sampling.py --threads 2 --batch 128 --repeats 5
 """
@@ -30,14 +31,17 @@ class _Counting(torch.nn.Module):
         return self.net(*args, **kwargs)
 
 
-def _median_time(fn: Callable[[], torch.Tensor], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _interleaved_medians(fns: list[Callable[[], torch.Tensor]], repeats: int) -> list[float]:
+    """Median wall time of each fn; repeats are interleaved so that all samplers see the same machine load."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def main() -> None:
@@ -75,30 +79,39 @@ def main() -> None:
 
         return run
 
-    rows = []
+    samplers = (
+        (f"EDM Heun teacher ({args.teacher_steps} steps)", teacher, run_teacher),
+        ("CM 1-step", student, run_cm([80.0])),
+        (f"CM 2-step (80, {args.mid_sigma})", student, run_cm([80.0, args.mid_sigma])),
+    )
     with torch.inference_mode():
-        for name, net, fn in (
-            (f"EDM Heun teacher ({args.teacher_steps} steps)", teacher, run_teacher),
-            ("CM 1-step", student, run_cm([80.0])),
-            (f"CM 2-step (80, {args.mid_sigma})", student, run_cm([80.0, args.mid_sigma])),
-        ):
+        nfes = []
+        for _, net, fn in samplers:
             net.calls = 0
             fn()
-            nfe = net.calls
-            seconds = _median_time(fn, args.repeats)
-            rows.append((name, nfe, seconds, args.batch / seconds))
+            nfes.append(net.calls)
+        seconds = _interleaved_medians([fn for _, _, fn in samplers], args.repeats)
+    rows = [
+        (name, nfe, sec, args.batch / sec)
+        for (name, _, _), nfe, sec in zip(samplers, nfes, seconds, strict=True)
+    ]
 
     base = rows[0][3]
+    res = f"{args.resolution}x{args.resolution}x{args.channels}"
     print(
-        f"preset={args.preset} ({n_params / 1e6:.2f} M params) {args.resolution}x{args.resolution}x{args.channels}, "
-        f"batch={args.batch}, threads={args.threads}, repeats={args.repeats} (median), torch {torch.__version__}, "
+        f"preset={args.preset} ({n_params / 1e6:.2f} M params) {res}, batch={args.batch}, "
+        f"threads={args.threads}, repeats={args.repeats} (median), torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}"
     )
     print()
-    print(f"| {'sampler':<32} | {'NFE':>3} | {'s / batch':>9} | {'images/s':>9} | {'speed-up':>8} |")
-    print(f"|{'-' * 34}|{'-' * 5}|{'-' * 11}|{'-' * 11}|{'-' * 10}|")
-    for name, nfe, seconds, ips in rows:
-        print(f"| {name:<32} | {nfe:>3} | {seconds:>9.4f} | {ips:>9.1f} | {ips / base:>7.1f}x |")
+    head = ("sampler", "NFE", "s / batch", "ms / NFE", "images/s", "speed-up")
+    print(f"| {head[0]:<32} | {head[1]:>3} | {head[2]:>9} | {head[3]:>8} | {head[4]:>9} | {head[5]:>8} |")
+    print(f"|{'-' * 34}|{'-' * 5}|{'-' * 11}|{'-' * 10}|{'-' * 11}|{'-' * 10}|")
+    for name, nfe, sec, ips in rows:
+        ms_per_nfe = 1000 * sec / nfe
+        print(
+            f"| {name:<32} | {nfe:>3} | {sec:>9.4f} | {ms_per_nfe:>8.1f} | {ips:>9.1f} | {ips / base:>7.1f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -14,19 +14,27 @@ from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(help="Ad-hoc FID: reference statistics and scores for an .npz or an image folder.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Ad-hoc FID: reference statistics and scores for an .npz or an image folder.", no_args_is_help=True
+)
 
 ExtractorOpt = Annotated[
-    str, typer.Option("--extractor", "-e", help="Feature network: digits (shipped, 8x8 grey) or inception-v3.")
+    str,
+    typer.Option("--extractor", "-e", help="Feature network: digits (shipped, 8x8 grey) or inception-v3."),
 ]
 WeightsOpt = Annotated[
     str | None,
-    typer.Option("--weights", "-w", help="Extractor weights URI (required for inception-v3; default digits: shipped)."),
+    typer.Option(
+        "--weights", "-w", help="Extractor weights URI (required for inception-v3; default digits: shipped)."
+    ),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per extractor call.")]
-ImagesArg = Annotated[str, typer.Argument(help="An .npz of uint8 images or an image folder (path or URI).",
-                                          metavar="IMAGES", show_default=False)]
+ImagesArg = Annotated[
+    str,
+    typer.Argument(
+        help="An .npz of uint8 images or an image folder (path or URI).", metavar="IMAGES", show_default=False
+    ),
+]
 
 EXTRACTOR_NAMES = ("digits", "inception-v3")
 
@@ -133,8 +141,9 @@ def _extractor(name: str, weights: str | None) -> Any:
         return load_extractor(name, data)
     except (ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise InputError(f"cannot load the {name} extractor weights: {first}; pass the matching --weights file") \
-            from None
+        raise InputError(
+            f"cannot load the {name} extractor weights: {first}; pass the matching --weights file"
+        ) from None
 
 
 def _features(extractor: Any, images: Any, batch_size: int, keep: bool, label: str) -> Any:
@@ -148,10 +157,19 @@ def _features(extractor: Any, images: Any, batch_size: int, keep: bool, label: s
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"features of {label}", total=int(images.shape[0]))
         try:
-            return compute_stats(extractor, images, batch_size=batch_size, keep_features=keep,
-                                 on_batch=lambda n: bar.advance(task, n))
+            return compute_stats(
+                extractor,
+                images,
+                batch_size=batch_size,
+                keep_features=keep,
+                on_batch=lambda n: bar.advance(task, n),
+            )
         except ValueError as exc:
-            hint = "; use --extractor inception-v3 --weights URI for other sizes" if extractor.name == "digits" else ""
+            hint = (
+                "; use --extractor inception-v3 --weights URI for other sizes"
+                if extractor.name == "digits"
+                else ""
+            )
             raise InputError(f"{label}: {exc}{hint}") from None
 
 
@@ -160,7 +178,9 @@ def _check_ref(ref: Any, extractor: Any) -> None:
 
     meta = ref.meta or {}
     if meta.get("extractor") and meta["extractor"] != extractor.name:
-        raise UsageError(f"--ref was computed with the {meta['extractor']} extractor; pass --extractor {meta['extractor']}")
+        raise UsageError(
+            f"--ref was computed with the {meta['extractor']} extractor; pass --extractor {meta['extractor']}"
+        )
     sha = meta.get("extractor_sha256")
     if sha and sha != extractor.weights_sha256:
         raise UsageError(
@@ -187,7 +207,9 @@ def _subset(features: Any, m: int) -> Any:
 @app.command("stats")
 def stats(
     images: ImagesArg,
-    out: Annotated[str, typer.Option("--out", "-o", help="Where to write the statistics .npz (path or URI).")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Where to write the statistics .npz (path or URI).")
+    ],
     extractor: ExtractorOpt = "digits",
     weights: WeightsOpt = None,
     batch_size: BatchOpt = 256,
@@ -207,8 +229,12 @@ def stats(
         raise UsageError(f"{redact_uri(images)} holds {feats.n} image; statistics need at least 2")
     mu, sigma = feats.to_moments()
     meta = {
-        "source": redact_uri(images), "extractor": net.name, "extractor_sha256": net.weights_sha256,
-        "num_images": int(feats.n), "resolution": int(pictures.shape[2]), "channels": int(pictures.shape[1]),
+        "source": redact_uri(images),
+        "extractor": net.name,
+        "extractor_sha256": net.weights_sha256,
+        "num_images": int(feats.n),
+        "resolution": int(pictures.shape[2]),
+        "channels": int(pictures.shape[1]),
         "dataset_digest": dataset_digest(pictures, None),
     }
     data = stats_to_bytes(mu, sigma, feats.n, meta)
@@ -216,15 +242,21 @@ def stats(
         with fsspec.open(out, "wb") as handle:
             handle.write(data)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot write --out {redact_uri(out)} ({exc}); pass a writable path or URI") from None
-    typer.echo(f"wrote {redact_uri(out)}: {feats.n} images, {mu.shape[0]}-d {net.name} features, "
-               f"sha256 {stats_digest(data)[:16]}")
+        raise UsageError(
+            f"cannot write --out {redact_uri(out)} ({exc}); pass a writable path or URI"
+        ) from None
+    typer.echo(
+        f"wrote {redact_uri(out)}: {feats.n} images, {mu.shape[0]}-d {net.name} features, "
+        f"sha256 {stats_digest(data)[:16]}"
+    )
 
 
 @app.command("score")
 def score(
     images: ImagesArg,
-    ref: Annotated[str, typer.Option("--ref", "-r", help="Reference: a statistics .npz, or a second IMAGES.")],
+    ref: Annotated[
+        str, typer.Option("--ref", "-r", help="Reference: a statistics .npz, or a second IMAGES.")
+    ],
     extractor: ExtractorOpt = "digits",
     weights: WeightsOpt = None,
     batch_size: BatchOpt = 256,
@@ -240,11 +272,18 @@ def score(
     ref_stats, ref_images = _load_ref(ref)
     if ref_stats is not None:
         _check_ref(ref_stats, net)
-    fake = _features(net, load_images(images), batch_size, keep=ref_images is not None, label=redact_uri(images))
+    fake = _features(
+        net, load_images(images), batch_size, keep=ref_images is not None, label=redact_uri(images)
+    )
     if fake.n < 2:
         raise UsageError(f"{redact_uri(images)} holds {fake.n} image; FID needs at least 2")
-    result: dict[str, Any] = {"images": redact_uri(images), "ref": redact_uri(ref), "extractor": net.name,
-                              "extractor_sha256": net.weights_sha256, "num_images": int(fake.n)}
+    result: dict[str, Any] = {
+        "images": redact_uri(images),
+        "ref": redact_uri(ref),
+        "extractor": net.name,
+        "extractor_sha256": net.weights_sha256,
+        "num_images": int(fake.n),
+    }
     if ref_stats is not None:
         mu_ref, sigma_ref, result["num_ref"] = ref_stats.mu, ref_stats.sigma, int(ref_stats.n)
     else:
@@ -255,12 +294,15 @@ def score(
         result["kid"], result["kid_std"] = kid(fake.features, real.features, num_subsets=kid_subsets)
         if min(real.n, fake.n) > 3:  # equal-size random subsets: k-NN radii depend on the sample size
             m = min(real.n, fake.n)
-            result["precision"], result["recall"] = precision_recall(_subset(real.features, m),
-                                                                     _subset(fake.features, m), k=3)
+            result["precision"], result["recall"] = precision_recall(
+                _subset(real.features, m), _subset(fake.features, m), k=3
+            )
     result["fid"] = fid_from_stats(*fake.to_moments(), mu_ref, sigma_ref)
     if as_json:
         typer.echo(json.dumps(result, sort_keys=True))
         return
     extra = "".join(f"  {k} {result[k]:.4g}" for k in ("kid", "precision", "recall") if k in result)
-    typer.echo(f"FID {result['fid']:.4f}{extra}  ({result['num_images']} images vs {result['num_ref']} reference, "
-               f"{net.name} {net.weights_sha256[:8]})")
+    typer.echo(
+        f"FID {result['fid']:.4f}{extra}  ({result['num_images']} images vs {result['num_ref']} reference, "
+        f"{net.name} {net.weights_sha256[:8]})"
+    )

@@ -50,8 +50,13 @@ def save_fid_vs_nfe(points: Sequence[FidPoint], path: str | Path, title: str = "
         err = np.asarray([[p.median - p.low for p in members], [p.high - p.median for p in members]])
         line = ax.errorbar(nfe, med, yerr=np.clip(err, 0, None), marker="o", capsize=3, label=name)
         for p in members:
-            ax.annotate(f"{p.label}: {p.median:.2f}", (p.nfe, p.median), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)
+            ax.annotate(
+                f"{p.label}: {p.median:.2f}",
+                (p.nfe, p.median),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
         if len(members) == 1:
             ax.axhline(members[0].median, linestyle="--", linewidth=0.8, color=line.lines[0].get_color())
     ax.set_xscale("log")

@@ -74,7 +74,11 @@ class Reference:
             "num_features": int(self.stats.mu.shape[0]),
             "features_kept": int(self.features.shape[0]),
             "cache_hit": self.hit,
-            **{k: self.stats.meta[k] for k in ("dataset_digest", "resolution", "extractor") if k in self.stats.meta},
+            **{
+                k: self.stats.meta[k]
+                for k in ("dataset_digest", "resolution", "extractor")
+                if k in self.stats.meta
+            },
         }
 
 
@@ -84,7 +88,9 @@ def reference_cache_key(key: str) -> str:
 
 
 def _key_for(dataset_digest: str, extractor: Any, resolution: int | tuple[int, int]) -> str:
-    return reference_key(dataset_digest, extractor.name, resolution, extractor_digest=extractor.weights_sha256)
+    return reference_key(
+        dataset_digest, extractor.name, resolution, extractor_digest=extractor.weights_sha256
+    )
 
 
 def _read(storage: Any, manifest: Any, key: str, hit: bool) -> Reference:
@@ -161,8 +167,11 @@ def get_reference(
             on_batch(done, total)
 
     stats = compute_stats(
-        extractor, _ordered_batches(images, order, batch_size), batch_size=batch_size,
-        keep_features=int(max_features), on_batch=progress,
+        extractor,
+        _ordered_batches(images, order, batch_size),
+        batch_size=batch_size,
+        keep_features=int(max_features),
+        on_batch=progress,
     )
     mu, sigma = stats.to_moments()
     meta = {

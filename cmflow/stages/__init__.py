@@ -21,6 +21,7 @@ STAGES: dict[str, StageDef] = {
         teacher.teacher_sample,
         distill.distill,
         distill.train_cm,
+        distill.perceptual_net,
         evaluate_stage.evaluate,
         register_stages.register,
         register_stages.promote,

@@ -27,10 +27,14 @@ class _ConsistencyParams(ParamsModel):
     batch_size: int = Field(128, ge=1, description="Global batch, split evenly over the Ray Train workers.")
     steps: int = Field(2000, ge=0)
     ema_rate: float = Field(0.999, ge=0, le=1, description="Evaluation EMA of the student (with warm-up).")
-    distance: Literal["l2", "l1", "pseudo_huber", "lpips"] = "l2"
+    distance: Literal["l2", "l1", "pseudo_huber", "lpips", "feature"] = Field(
+        "l2",
+        description="d(x, y). lpips: an LPIPS-style net on images resized to 224 (the paper); feature: the same "
+        "kind of net at the data's resolution. Both take the net from input 'perceptual' or lpips_uri.",
+    )
     huber_c: float | None = Field(None, gt=0, description="pseudo-Huber c (default 0.00054 sqrt(C H W)).")
     lpips_uri: str | None = Field(
-        None, description="distance=lpips: folder with perceptual.json + perceptual.safetensors."
+        None, description="distance lpips / feature: folder with perceptual.json + perceptual.safetensors."
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for lpips_uri.")
     weighting: Literal["uniform", "inverse_dt"] = "uniform"
@@ -51,8 +55,8 @@ class _ConsistencyParams(ParamsModel):
 
     @model_validator(mode="after")
     def _lpips_uri(self) -> _ConsistencyParams:
-        if (self.distance == "lpips") != bool(self.lpips_uri):
-            raise ValueError("lpips_uri is required with distance 'lpips' and only allowed with it")
+        if self.lpips_uri and self.distance not in ("lpips", "feature"):
+            raise ValueError("lpips_uri is only used with distance 'lpips' or 'feature'")
         return self
 
 
@@ -101,6 +105,7 @@ class TrainCMParams(_ConsistencyParams):
     params=DistillParams,
     version="1",
     inputs=("teacher", "data"),
+    optional_inputs=("perceptual",),
     cache_ignore=IGNORED,
     code_deps=CM_DEPS,
     distributed=True,
@@ -130,6 +135,7 @@ def distill(params: DistillParams, inputs: dict[str, Artifact], ctx: StageContex
     params=TrainCMParams,
     version="1",
     inputs=("data",),
+    optional_inputs=("perceptual",),
     cache_ignore=IGNORED,
     code_deps=CM_DEPS,
     distributed=True,
@@ -169,6 +175,13 @@ def _train_and_write(
 
     torch.set_num_threads(ctx.num_threads)
     info = inputs["data"].read_json("dataset.json")
+    if params.distance in ("lpips", "feature") and not params.lpips_uri and "perceptual" not in inputs:
+        from cmflow.errors import InputError
+
+        raise InputError(
+            f"stage {ctx.stage!r}: distance {params.distance!r} needs a perceptual network; wire "
+            "inputs.perceptual to a perceptual_net stage or set lpips_uri"
+        )
     job = TrainJob(
         method=method,  # type: ignore[arg-type]
         params=params.model_dump(mode="json"),
@@ -176,6 +189,7 @@ def _train_and_write(
         stage=ctx.stage,
         data=inputs["data"],
         teacher=inputs.get("teacher"),
+        perceptual=inputs.get("perceptual"),
         threads=ctx.num_threads,
         use_gpu=ctx.resources.gpus > 0,
         reporter=ctx.reporter,
@@ -224,3 +238,67 @@ def _grids(model: Any, config: dict[str, Any], params: _ConsistencyParams, ctx: 
     for name, sigmas in (("samples-1step.png", [80.0]), ("samples-2step.png", [80.0, params.midpoint_sigma])):
         images, _ = sample_range(model.eval(), 0, params.grid_samples, 256, sigmas=sigmas, **kwargs)
         save_grid(images, ctx.out_dir / name)
+
+
+class PerceptualNetParams(ParamsModel):
+    steps: int = Field(300, ge=1, description="Classifier training steps.")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    widths: list[int] = Field(default_factory=lambda: [32, 64], description="Channels of the conv stages.")
+    seed: int = Field(17, ge=0, description="Combined with the pipeline seed.")
+
+
+@stage(
+    "perceptual_net",
+    params=PerceptualNetParams,
+    version="1",
+    inputs=("data",),
+    code_deps=("cmflow.training.perceptual", "cmflow.data.shards"),
+)
+def perceptual_net(
+    params: PerceptualNetParams, inputs: dict[str, Artifact], ctx: StageContext
+) -> dict[str, Any]:
+    """Train a small LPIPS-style network for ``distance: feature`` (or ``lpips``) as a classifier on the
+    labelled ``data``; writes ``perceptual.json`` + ``perceptual.safetensors``.
+
+    This network is trained here, from its own seed, with its own architecture (conv/ReLU stages with
+    average pooling); it is not the FID feature network of :mod:`cmflow.metrics`, so distilling with it does
+    not optimise the evaluation metric directly.
+
+    Examples:
+        perceptual: {kind: perceptual_net, inputs: {data: data}}
+        distill: {kind: distill, inputs: {teacher: teacher, data: data, perceptual: perceptual},
+                  params: {distance: feature}}
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save as st_save
+
+    from cmflow.data.shards import read_dataset
+    from cmflow.errors import InputError
+    from cmflow.training.perceptual import CONFIG, WEIGHTS, train_classifier_features
+
+    torch.set_num_threads(ctx.num_threads)
+    images, labels, info = read_dataset(inputs["data"].read_bytes)
+    if labels is None or info.get("num_classes", 0) < 2:
+        raise InputError(
+            f"stage {ctx.stage!r}: the perceptual network is trained as a classifier and needs labels; set "
+            "use_labels: true in prepare_data"
+        )
+    ctx.progress(0, params.steps, message="training the perceptual network")
+    net, accuracy = train_classifier_features(
+        torch.from_numpy(images),
+        torch.from_numpy(labels),
+        int(info["num_classes"]),
+        steps=params.steps,
+        batch_size=params.batch_size,
+        lr=params.lr,
+        seed=int(params.seed) * 1_000_003 + int(ctx.seed),
+        widths=tuple(params.widths),
+    )
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    (ctx.out_dir / WEIGHTS).write_bytes(st_save(state))
+    (ctx.out_dir / CONFIG).write_text(json.dumps(net.config, indent=1, sort_keys=True))
+    ctx.progress(params.steps, params.steps, message=f"train accuracy {accuracy:.3f}")
+    return {"train_accuracy": round(accuracy, 4), "params_count": sum(p.numel() for p in net.parameters())}

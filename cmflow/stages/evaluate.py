@@ -43,9 +43,13 @@ class EvaluateParams(ParamsModel):
         description="Extractor weights (any fsspec URI; required for inception-v3: the standard "
         "pt_inception-2015-12-05-6726825d.pth). Read with the storage options when it shares the root's protocol.",
     )
-    num_samples: int = Field(10_000, ge=4, le=10_000_000, description="Generated samples per seed and setting.")
+    num_samples: int = Field(
+        10_000, ge=4, le=10_000_000, description="Generated samples per seed and setting."
+    )
     seeds: list[int] = Field(
-        default_factory=lambda: [0, 1, 2], min_length=1, description="Seed s uses sample seeds [s N, (s+1) N)."
+        default_factory=lambda: [0, 1, 2],
+        min_length=1,
+        description="Seed s uses sample seeds [s N, (s+1) N).",
     )
     teacher_seeds: list[int] | None = Field(
         None, description="Seeds for the teacher (default: seeds); fewer saves most of the stage's time."
@@ -63,17 +67,22 @@ class EvaluateParams(ParamsModel):
     )
     search_samples: int = Field(2000, ge=4, description="Samples per FID score during the midpoint search.")
     search_iters: int = Field(8, ge=1, le=30, description="Ternary-search iterations (2 scores each).")
-    search_range: tuple[float, float] = Field((0.05, 20.0), description="Search interval for tau (log scale).")
+    search_range: tuple[float, float] = Field(
+        (0.05, 20.0), description="Search interval for tau (log scale)."
+    )
     kid_subsets: int = Field(10, ge=1, le=1000, description="KID subsets (cost grows linearly).")
-    kid_subset_size: int = Field(1000, ge=2, description="Rows per KID subset (capped by both sample counts).")
+    kid_subset_size: int = Field(
+        1000, ge=2, description="Rows per KID subset (capped by both sample counts)."
+    )
     pr_k: int = Field(3, ge=1, le=100, description="k of the k-NN manifolds for precision/recall.")
     pr_max_samples: int = Field(
         10_000, ge=4, description="Rows per side for precision/recall: min(real, generated, this)."
     )
     grid_size: int = Field(8, ge=1, le=64, description="Sample grids hold grid_size x grid_size images.")
     reuse_teacher: bool = Field(
-        True, description="Keep the sampled teacher's per-seed results in the store and reuse them (same teacher, "
-        "seeds, sampler, extractor, reference and metric settings): one teacher is sampled once."
+        True,
+        description="Keep the sampled teacher's per-seed results in the store and reuse them (same teacher, "
+        "seeds, sampler, extractor, reference and metric settings): one teacher is sampled once.",
     )
 
     @model_validator(mode="after")
@@ -123,7 +132,11 @@ def _read_images(artifact: Artifact, what: str) -> tuple[Any, dict[str, Any]]:
     if DATASET_JSON in artifact.files:
         images, _, info = read_dataset(artifact.read_bytes)
         return images, info
-    names = ["images.npy"] if "images.npy" in artifact.files else [f for f in artifact.files if f.startswith("images-")]
+    names = (
+        ["images.npy"]
+        if "images.npy" in artifact.files
+        else [f for f in artifact.files if f.startswith("images-")]
+    )
     if not names:
         raise InputError(f"input {what!r} has no images.npy; wire a prepare_data or teacher_sample output")
     try:
@@ -141,7 +154,9 @@ def _dataset_info(data: Artifact) -> tuple[str, int, int]:
     info = data.read_json("dataset.json") if "dataset.json" in data.files else {}
     if all(k in info for k in ("digest", "channels", "resolution")):
         return str(info["digest"]), int(info["channels"]), int(info["resolution"])
-    raise InputError("input 'data' has no dataset digest in its meta or dataset.json; wire a prepare_data output")
+    raise InputError(
+        "input 'data' has no dataset digest in its meta or dataset.json; wire a prepare_data output"
+    )
 
 
 def _load_net(artifact: Artifact, what: str, kind: str, device: str) -> tuple[Any, dict[str, Any]]:
@@ -171,7 +186,9 @@ def _load_extractor(params: EvaluateParams, ctx: StageContext) -> Any:
     weights = None
     if params.weights_uri:
         protocol = params.weights_uri.split("://", 1)[0] if "://" in params.weights_uri else "file"
-        weights = open_uri(params.weights_uri, ctx.storage.options if protocol == ctx.storage.protocol else {})
+        weights = open_uri(
+            params.weights_uri, ctx.storage.options if protocol == ctx.storage.protocol else {}
+        )
     try:
         return load_extractor(params.extractor, weights, device=ctx.device)
     except (ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as exc:
@@ -192,8 +209,15 @@ def _batch_ranges(start: int, count: int, batch_size: int) -> list[range]:
 
 
 def _sampler(
-    model: Any, *, method: str, shape: tuple[int, int, int], num_classes: int, device: str,
-    num_steps: int = 18, sigmas: tuple[float, ...] = (80.0,), dtype: str = "float32",
+    model: Any,
+    *,
+    method: str,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    device: str,
+    num_steps: int = 18,
+    sigmas: tuple[float, ...] = (80.0,),
+    dtype: str = "float32",
 ) -> Callable[[range], Any]:
     """``seeds -> uint8 (B, C, H, W)`` CPU tensor for one sampling setting."""
     import torch
@@ -210,11 +234,19 @@ def _sampler(
         labels = rnd.randint(0, num_classes, (len(seeds),)).to(device) if num_classes else None
         with torch.inference_mode():
             if method == "edm":
-                x = edm_sampler(model, latents, num_steps=num_steps, sigma_min=model.sigma_min,
-                                sigma_max=model.sigma_max, class_labels=labels, dtype=torch_dtype)
+                x = edm_sampler(
+                    model,
+                    latents,
+                    num_steps=num_steps,
+                    sigma_min=model.sigma_min,
+                    sigma_max=model.sigma_max,
+                    class_labels=labels,
+                    dtype=torch_dtype,
+                )
             else:
-                x = cm_sample(model, latents, sigmas, generator=rnd, sigma_min=model.sigma_min,
-                              class_labels=labels)
+                x = cm_sample(
+                    model, latents, sigmas, generator=rnd, sigma_min=model.sigma_min, class_labels=labels
+                )
             return to_uint8(x.clamp(-1, 1)).cpu()
 
     return sample
@@ -233,7 +265,9 @@ class _Setting:
     cache: Any = None  # a _SeedCache of per-seed results, or None
 
 
-def _generated(sampler: Callable[[range], Any], num_samples: int, batch_size: int) -> Callable[[int], Iterator[Any]]:
+def _generated(
+    sampler: Callable[[range], Any], num_samples: int, batch_size: int
+) -> Callable[[int], Iterator[Any]]:
     def images_for(seed: int) -> Iterator[Any]:
         for seeds in _batch_ranges(seed * num_samples, num_samples, batch_size):
             yield sampler(seeds)
@@ -266,9 +300,19 @@ def _teacher_samples_setting(
             yield block[start : start + params.batch_size]
 
     return _Setting(
-        SETTING_TEACHER, 2 * steps - 1, list(range(chunks)), images_for, cost=1.0,
-        info={"source": "teacher_samples", "artifact_digest": artifact.digest, "num_steps": steps,
-              "nfe_assumed": "num_steps" not in info, "chunks": chunks, "num_images_available": int(images.shape[0])},
+        SETTING_TEACHER,
+        2 * steps - 1,
+        list(range(chunks)),
+        images_for,
+        cost=1.0,
+        info={
+            "source": "teacher_samples",
+            "artifact_digest": artifact.digest,
+            "num_steps": steps,
+            "nfe_assumed": "num_steps" not in info,
+            "chunks": chunks,
+            "num_images_available": int(images.shape[0]),
+        },
     )
 
 
@@ -276,7 +320,12 @@ def _teacher_samples_setting(
 
 
 def _measure(
-    setting: _Setting, seed: int, extractor: Any, reference: Any, params: EvaluateParams, feature_batch: int,
+    setting: _Setting,
+    seed: int,
+    extractor: Any,
+    reference: Any,
+    params: EvaluateParams,
+    feature_batch: int,
     progress: _Progress,
 ) -> tuple[dict[str, Any], Any]:
     """FID / KID / precision / recall of one setting at one seed, and its first grid_size^2 images."""
@@ -302,7 +351,9 @@ def _measure(
     kid_mean, kid_std = kid(fake, real, num_subsets=params.kid_subsets, subset_size=params.kid_subset_size)
     # k-NN radii depend on the sample size, so both manifolds get the same number of points
     m = min(real.shape[0], fake.shape[0], params.pr_max_samples)
-    precision, recall = precision_recall(real[:m], fake[:m], k=params.pr_k) if m > params.pr_k else (None, None)
+    precision, recall = (
+        precision_recall(real[:m], fake[:m], k=params.pr_k) if m > params.pr_k else (None, None)
+    )
     row = {
         "seed": seed,
         "num_samples": int(stats.n),
@@ -346,7 +397,9 @@ class _SeedCache:
         if not found.hit:
             return None
         row = json.loads(self.storage.read_artifact_file(found.manifest, "measure.json"))
-        grid = np.load(io.BytesIO(self.storage.read_artifact_file(found.manifest, "grid.npy")), allow_pickle=False)
+        grid = np.load(
+            io.BytesIO(self.storage.read_artifact_file(found.manifest, "grid.npy")), allow_pickle=False
+        )
         return row, grid
 
     def put(self, seed: int, row: dict[str, Any], grid: Any) -> None:
@@ -359,8 +412,14 @@ class _SeedCache:
             folder = Path(tmp)
             (folder / "measure.json").write_text(json.dumps(row, sort_keys=True, allow_nan=False))
             np.save(folder / "grid.npy", grid, allow_pickle=False)
-            self.storage.commit(TEACHER_RESULTS_KIND, self.key(seed), folder, meta={"seed": seed, "fid": row["fid"]},
-                                key_components={**self.components, "seed": seed}, producer=self.producer)
+            self.storage.commit(
+                TEACHER_RESULTS_KIND,
+                self.key(seed),
+                folder,
+                meta={"seed": seed, "fid": row["fid"]},
+                key_components={**self.components, "seed": seed},
+                producer=self.producer,
+            )
 
 
 def _spread(values: list[float | None]) -> dict[str, float | None]:
@@ -380,10 +439,15 @@ def _spread(values: list[float | None]) -> dict[str, float | None]:
 
 
 def _run_setting(
-    setting: _Setting, extractor: Any, reference: Any, params: EvaluateParams, feature_batch: int,
-    progress: _Progress, cache: _SeedCache | None = None,
+    setting: _Setting,
+    extractor: Any,
+    reference: Any,
+    params: EvaluateParams,
+    feature_batch: int,
+    progress: _Progress,
 ) -> tuple[dict[str, Any], Any]:
-    """All seeds of one setting (from ``cache`` where it has them): the report entry and the first seed's grid."""
+    """All seeds of one setting (from its cache where it has them): the report entry and the first seed's grid."""
+    cache: _SeedCache | None = setting.cache
     per_seed, grids, cached = [], [], []
     for seed in setting.seeds:
         found = cache.get(seed) if cache is not None else None
@@ -397,7 +461,13 @@ def _run_setting(
         per_seed.append(found[0])
         grids.append(found[1])
     summary = {m: _spread([row[m] for row in per_seed]) for m in ("fid", "kid", "precision", "recall")}
-    entry = {"nfe": setting.nfe, **setting.info, "seeds": setting.seeds, "per_seed": per_seed, "summary": summary}
+    entry = {
+        "nfe": setting.nfe,
+        **setting.info,
+        "seeds": setting.seeds,
+        "per_seed": per_seed,
+        "summary": summary,
+    }
     if cache is not None:
         entry["cached_seeds"] = cached
     return entry, grids[0]
@@ -407,8 +477,14 @@ def _run_setting(
 
 
 def _midpoint(
-    params: EvaluateParams, config: dict[str, Any], model: Any, make_sampler: Callable[[tuple[float, ...]], Any],
-    extractor: Any, reference: Any, feature_batch: int, ctx: StageContext,
+    params: EvaluateParams,
+    config: dict[str, Any],
+    model: Any,
+    make_sampler: Callable[[tuple[float, ...]], Any],
+    extractor: Any,
+    reference: Any,
+    feature_batch: int,
+    ctx: StageContext,
 ) -> tuple[float, dict[str, Any]]:
     """tau for 2-step sampling and how it was chosen (params, model.json, or a ternary search on FID)."""
     from cmflow.diffusion.samplers import ternary_search_midpoint
@@ -441,15 +517,132 @@ def _midpoint(
 
             tau, best = ternary_search_midpoint(score, lo, hi, num_iters=params.search_iters)
             info = {
-                "source": "search", "search_fid": best, "range": [lo, hi], "iters": params.search_iters,
-                "samples": params.search_samples, "sample_seeds_start": start, "evaluations": evaluations,
+                "source": "search",
+                "search_fid": best,
+                "range": [lo, hi],
+                "iters": params.search_iters,
+                "samples": params.search_samples,
+                "sample_seeds_start": start,
+                "evaluations": evaluations,
             }
     if not sigma_min <= tau < sigma_max:
-        raise InputError(f"2-step midpoint tau={tau} must lie in [{sigma_min}, {sigma_max}); fix params.midpoint")
+        raise InputError(
+            f"2-step midpoint tau={tau} must lie in [{sigma_min}, {sigma_max}); fix params.midpoint"
+        )
     return tau, info
 
 
 # -- the stage -------------------------------------------------------------------------------------------------
+
+
+def _teacher_setting(
+    inputs: dict[str, Artifact],
+    params: EvaluateParams,
+    ctx: StageContext,
+    shape: tuple[int, int, int],
+    extractor: Any,
+    reference: Any,
+) -> _Setting | None:
+    """The teacher row: reused ``teacher_samples`` if wired, else the ``teacher`` sampled at NFE 2 N - 1."""
+    teacher_seeds = list(params.teacher_seeds or params.seeds)
+    if "teacher_samples" in inputs:
+        return _teacher_samples_setting(inputs["teacher_samples"], params, shape, teacher_seeds)
+    if "teacher" not in inputs:
+        return None
+    artifact = inputs["teacher"]
+    teacher, config = _load_net(artifact, "teacher", "edm", ctx.device)
+    sampler = _sampler(
+        teacher,
+        method="edm",
+        shape=shape,
+        num_classes=int(config.get("num_classes", 0) or 0),
+        device=ctx.device,
+        num_steps=params.teacher_steps,
+        dtype=params.teacher_dtype,
+    )
+    cache = None
+    if params.reuse_teacher:
+        components = {
+            "format": REPORT_FORMAT,
+            "code": evaluate.stage_def.code_fingerprint(),  # type: ignore[attr-defined]
+            "teacher": artifact.digest,
+            "num_samples": params.num_samples,
+            "num_steps": params.teacher_steps,
+            "dtype": params.teacher_dtype,
+            "shape": list(shape),
+            "extractor": extractor.name,
+            "extractor_sha256": extractor.weights_sha256,
+            "reference": reference.digest,
+            "kid": [params.kid_subsets, params.kid_subset_size],
+            "pr": [params.pr_k, params.pr_max_samples],
+            "grid_size": params.grid_size,
+        }
+        cache = _SeedCache(ctx.storage, components, {"run_id": ctx.run_id, "stage": ctx.stage})
+    nfe = 2 * params.teacher_steps - 1
+    info = {
+        "source": "sampled",
+        "sampler": "edm-heun",
+        "num_steps": params.teacher_steps,
+        "dtype": params.teacher_dtype,
+        "artifact_digest": artifact.digest,
+    }
+    return _Setting(
+        SETTING_TEACHER,
+        nfe,
+        teacher_seeds,
+        _generated(sampler, params.num_samples, params.batch_size),
+        cost=nfe + 1.0,
+        info=info,
+        cache=cache,
+    )
+
+
+def _cm_settings(
+    params: EvaluateParams, cm_sampler: Callable[..., Any], sigma_max: float, tau: float
+) -> list[_Setting]:
+    """CM 1-step (T) and 2-step (T, tau) rows; the cost per image counts the extractor call as one NFE."""
+    rows = []
+    for name, sigmas in ((SETTING_1STEP, (sigma_max,)), (SETTING_2STEP, (sigma_max, tau))):
+        images_for = _generated(cm_sampler(sigmas), params.num_samples, params.batch_size)
+        rows.append(
+            _Setting(
+                name,
+                len(sigmas),
+                list(params.seeds),
+                images_for,
+                cost=len(sigmas) + 1.0,
+                info={"source": "sampled", "sampler": "cm", "sigmas": list(sigmas)},
+            )
+        )
+    return rows
+
+
+def _medians(results: dict[str, dict[str, Any]], metric: str = "fid") -> dict[str, float | None]:
+    return {name: entry["summary"][metric]["median"] for name, entry in results.items()}
+
+
+def _ratios(fid: dict[str, float | None]) -> dict[str, float | None]:
+    teacher = fid.get(SETTING_TEACHER)
+    return {
+        key: (fid[name] / teacher if teacher and fid.get(name) is not None else None)  # type: ignore[operator]
+        for key, name in (("1step", SETTING_1STEP), ("2step", SETTING_2STEP))
+    }
+
+
+def _plot(results: dict[str, dict[str, Any]], path: Any, title: str) -> None:
+    from cmflow.metrics.plot import FidPoint, save_fid_vs_nfe
+
+    labels = {
+        SETTING_TEACHER: ("teacher", "teacher (EDM Heun)"),
+        SETTING_1STEP: ("1-step", "CM"),
+        SETTING_2STEP: ("2-step", "CM"),
+    }
+    points = []
+    for name, entry in results.items():
+        fid = entry["summary"]["fid"]
+        if fid["median"] is not None:
+            points.append(FidPoint(*labels[name], entry["nfe"], fid["median"], fid["min"], fid["max"]))
+    save_fid_vs_nfe(points, path, title=title)
 
 
 @stage(
@@ -460,17 +653,25 @@ def _midpoint(
     optional_inputs=("teacher", "teacher_samples"),
     cache_ignore=("batch_size", "feature_batch_size", "reuse_teacher"),
     code_deps=(
-        "cmflow.metrics.stats", "cmflow.metrics.extractors", "cmflow.metrics.digits_net", "cmflow.metrics.inception",
-        "cmflow.metrics.reference", "cmflow.metrics.refstats", "cmflow.metrics.plot",
-        "cmflow.diffusion.samplers", "cmflow.diffusion.rng", "cmflow.models.precond", "cmflow.models.unet",
+        "cmflow.metrics.stats",
+        "cmflow.metrics.extractors",
+        "cmflow.metrics.digits_net",
+        "cmflow.metrics.inception",
+        "cmflow.metrics.reference",
+        "cmflow.metrics.refstats",
+        "cmflow.metrics.plot",
+        "cmflow.diffusion.samplers",
+        "cmflow.diffusion.rng",
+        "cmflow.models.precond",
+        "cmflow.models.unet",
     ),
 )
 def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
     """FID / KID / precision-recall of the CM at 1 and 2 steps and of the teacher, over several seeds.
 
     Inputs: ``data`` (prepare_data), ``model`` (distill / train_cm), optional ``teacher`` (teacher) and
-    ``teacher_samples`` (teacher_sample: reused instead of sampling the teacher). Writes ``report.json``,
-    ``fid_vs_nfe.png`` and one sample grid per setting.
+    ``teacher_samples`` (teacher_sample: reused instead of sampling the teacher; wins over ``teacher``).
+    Writes ``report.json``, ``fid_vs_nfe.png`` and one sample grid per setting.
 
     Examples:
         stages: {evaluate: {kind: evaluate, inputs: {data: data, model: distill, teacher: teacher},
@@ -478,7 +679,7 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageCont
     """
     import torch
 
-    from cmflow.metrics.plot import FidPoint, save_fid_vs_nfe, save_grid
+    from cmflow.metrics.plot import save_grid
     from cmflow.metrics.refstats import get_reference
 
     torch.set_num_threads(ctx.num_threads)
@@ -502,98 +703,77 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageCont
     ref_progress = _Progress(ctx, 1, "reference statistics")
 
     def on_ref_batch(done: int, total: int) -> None:
-        ref_progress.total = total
-        ref_progress.done = done
+        ref_progress.total, ref_progress.done = total, done
         ref_progress.add(0, f"{done}/{total} real images")
 
     reference = get_reference(
-        ctx.storage, lambda: _read_images(data, "data")[0], dataset_digest=dataset_digest, extractor=extractor,
-        resolution=resolution, batch_size=feature_batch, on_batch=on_ref_batch,
+        ctx.storage,
+        lambda: _read_images(data, "data")[0],
+        dataset_digest=dataset_digest,
+        extractor=extractor,
+        resolution=resolution,
+        batch_size=feature_batch,
+        on_batch=on_ref_batch,
         producer={"run_id": ctx.run_id, "stage": ctx.stage},
     )
     timing["reference"] = time.perf_counter() - clock
 
     num_classes = int(config.get("num_classes", 0) or 0)
-    common = {"shape": shape, "num_classes": num_classes, "device": ctx.device}
 
     def cm_sampler(sigmas: tuple[float, ...]) -> Callable[[range], Any]:
-        return _sampler(model, method="cm", sigmas=sigmas, **common)
+        return _sampler(
+            model, method="cm", shape=shape, num_classes=num_classes, device=ctx.device, sigmas=sigmas
+        )
 
     clock = time.perf_counter()
-    tau, midpoint_info = _midpoint(params, config, model, cm_sampler, extractor, reference, feature_batch, ctx)
+    tau, midpoint_info = _midpoint(
+        params, config, model, cm_sampler, extractor, reference, feature_batch, ctx
+    )
     timing["midpoint"] = time.perf_counter() - clock
 
-    n, sigma_max = params.num_samples, float(model.sigma_max)
-    settings: list[_Setting] = []
-    teacher_seeds = list(params.teacher_seeds or params.seeds)
-    if "teacher_samples" in inputs:
-        settings.append(_teacher_samples_setting(inputs["teacher_samples"], params, shape, teacher_seeds))
-    elif "teacher" in inputs:
-        teacher, teacher_config = _load_net(inputs["teacher"], "teacher", "edm", ctx.device)
-        sampler = _sampler(teacher, method="edm", num_steps=params.teacher_steps, dtype=params.teacher_dtype,
-                           **{**common, "num_classes": int(teacher_config.get("num_classes", 0) or 0)})
-        nfe = 2 * params.teacher_steps - 1
-        cache = None
-        if params.reuse_teacher:
-            components = {
-                "format": REPORT_FORMAT, "code": evaluate.stage_def.code_fingerprint(),  # type: ignore[attr-defined]
-                "teacher": inputs["teacher"].digest, "num_samples": n, "num_steps": params.teacher_steps,
-                "dtype": params.teacher_dtype, "shape": list(shape), "extractor": extractor.name,
-                "extractor_sha256": extractor.weights_sha256, "reference": reference.digest,
-                "kid": [params.kid_subsets, params.kid_subset_size], "pr": [params.pr_k, params.pr_max_samples],
-                "grid_size": params.grid_size,
-            }
-            cache = _SeedCache(ctx.storage, components, {"run_id": ctx.run_id, "stage": ctx.stage})
-        settings.append(_Setting(SETTING_TEACHER, nfe, teacher_seeds, _generated(sampler, n, params.batch_size),
-                                 cost=nfe + 1.0, info={"source": "sampled", "sampler": "edm-heun",
-                                                       "num_steps": params.teacher_steps, "dtype": params.teacher_dtype,
-                                                       "artifact_digest": inputs["teacher"].digest}, cache=cache))
-    for name, sigmas in ((SETTING_1STEP, (sigma_max,)), (SETTING_2STEP, (sigma_max, tau))):
-        settings.append(_Setting(name, len(sigmas), list(params.seeds), _generated(cm_sampler(sigmas), n,
-                                 params.batch_size), cost=len(sigmas) + 1.0,
-                                 info={"source": "sampled", "sampler": "cm", "sigmas": list(sigmas)}))
-
-    progress = _Progress(ctx, sum(s.cost * n * len(s.seeds) for s in settings), "sampling")
+    teacher = _teacher_setting(inputs, params, ctx, shape, extractor, reference)
+    settings = ([teacher] if teacher else []) + _cm_settings(params, cm_sampler, float(model.sigma_max), tau)
+    progress = _Progress(ctx, sum(s.cost * params.num_samples * len(s.seeds) for s in settings), "sampling")
     results: dict[str, dict[str, Any]] = {}
     for setting in settings:
         clock = time.perf_counter()
-        results[setting.name], grid = _run_setting(setting, extractor, reference, params, feature_batch, progress,
-                                                   setting.cache)
-        if grid is not None:
-            save_grid(grid, ctx.out_dir / f"grid-{setting.name}.png", cols=params.grid_size)
+        results[setting.name], grid = _run_setting(
+            setting, extractor, reference, params, feature_batch, progress
+        )
+        save_grid(grid, ctx.out_dir / f"grid-{setting.name}.png", cols=params.grid_size)
         timing[setting.name] = time.perf_counter() - clock
 
-    def median(name: str, metric: str = "fid") -> float | None:
-        return results[name]["summary"][metric]["median"] if name in results else None
-
-    fid_teacher = median(SETTING_TEACHER)
-    ratios = {
-        key: (median(name) / fid_teacher if fid_teacher and median(name) is not None else None)
-        for key, name in (("1step", SETTING_1STEP), ("2step", SETTING_2STEP))
-    }
-    points = [
-        FidPoint(label, group, results[name]["nfe"], *(results[name]["summary"]["fid"][k] for k in ("median", "min", "max")))
-        for name, label, group in ((SETTING_TEACHER, "teacher", "teacher (EDM Heun)"), (SETTING_1STEP, "1-step", "CM"),
-                                   (SETTING_2STEP, "2-step", "CM"))
-        if name in results
-    ]
-    save_fid_vs_nfe(points, ctx.out_dir / "fid_vs_nfe.png", title=f"FID ({params.extractor}) vs NFE, {n} samples")
-
+    fid, kid, precision, recall = (_medians(results, m) for m in ("fid", "kid", "precision", "recall"))
+    ratios = _ratios(fid)
+    _plot(
+        results,
+        ctx.out_dir / "fid_vs_nfe.png",
+        f"FID ({extractor.name}) vs NFE, {params.num_samples} samples",
+    )
     report = {
         "format": REPORT_FORMAT,
-        "extractor": {"name": extractor.name, "weights_sha256": extractor.weights_sha256,
-                      "num_features": int(extractor.num_features), "weights_uri": _redacted(params.weights_uri)},
+        "extractor": {
+            "name": extractor.name,
+            "weights_sha256": extractor.weights_sha256,
+            "num_features": int(extractor.num_features),
+            "weights_uri": _redacted(params.weights_uri),
+        },
         "reference": reference.summary(),
-        "dataset": {"digest": dataset_digest, "channels": channels, "resolution": resolution,
-                    "artifact_digest": data.digest},
+        "dataset": {
+            "digest": dataset_digest,
+            "channels": channels,
+            "resolution": resolution,
+            "artifact_digest": data.digest,
+        },
         "model": {"artifact_digest": inputs["model"].digest, "num_classes": num_classes},
-        "num_samples": n,
+        "num_samples": params.num_samples,
         "seeds": list(params.seeds),
-        "teacher_seeds": teacher_seeds,
-        "sample_seeds": f"seed s draws sample i from per-sample seed s * {n} + i (StackedRandomGenerator, CPU)",
+        "teacher_seeds": teacher.seeds if teacher else [],
+        "sample_seeds": f"seed s draws sample i from per-sample seed s * {params.num_samples} + i "
+        "(StackedRandomGenerator on the CPU)",
         "midpoint": {"sigma": tau, **midpoint_info},
         "settings": results,
-        "fid": {name: median(name) for name in results},
+        "fid": fid,
         "ratios": ratios,
         "kid": {"subsets": params.kid_subsets, "subset_size": params.kid_subset_size},
         "precision_recall": {"k": params.pr_k, "max_samples": params.pr_max_samples},
@@ -601,18 +781,18 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageCont
     }
     (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True, allow_nan=False))
     return {
-        "fid_1step": median(SETTING_1STEP),
-        "fid_2step": median(SETTING_2STEP),
-        "fid_teacher": fid_teacher,
+        "fid_1step": fid[SETTING_1STEP],
+        "fid_2step": fid[SETTING_2STEP],
+        "fid_teacher": fid.get(SETTING_TEACHER),
         "ratio_1step": ratios["1step"],
         "ratio_2step": ratios["2step"],
-        "nfe_teacher": results[SETTING_TEACHER]["nfe"] if SETTING_TEACHER in results else None,
+        "nfe_teacher": teacher.nfe if teacher else None,
         "midpoint_sigma": tau,
-        "kid_1step": median(SETTING_1STEP, "kid"),
-        "precision_1step": median(SETTING_1STEP, "precision"),
-        "recall_1step": median(SETTING_1STEP, "recall"),
+        "kid_1step": kid[SETTING_1STEP],
+        "precision_1step": precision[SETTING_1STEP],
+        "recall_1step": recall[SETTING_1STEP],
         "ref_stats_digest": reference.digest,
-        "num_samples": n,
+        "num_samples": params.num_samples,
         "num_seeds": len(params.seeds),
         "extractor": extractor.name,
     }

@@ -41,6 +41,7 @@ class TrainJob:
     stage: str
     data: Artifact
     teacher: Artifact | None = None
+    perceptual: Artifact | None = None  # a perceptual_net output, for distance lpips / feature
     threads: int = 1
     use_gpu: bool = False
     reporter: Any = None
@@ -291,17 +292,26 @@ def build_run(job: TrainJob, device: Any, rank: int, world: int) -> _Run:
         rank=rank,
         device=device,
     )
-    lpips = _lpips(params, device)
+    net = _perceptual(job, device)
+    feature = params["distance"] == "feature"  # the net at native resolution, through feature_pair_loss
     common = {
-        "distance": params["distance"],
+        "distance": "l2" if feature else params["distance"],
         "weighting": params["weighting"],
-        "lpips": lpips,
+        "lpips": None if feature else net,
         "huber_c": params.get("huber_c"),
     }
+
+    def wrap(loss_fn: Any) -> Any:
+        if not feature:
+            return loss_fn
+        from cmflow.training.perceptual import feature_pair_loss
+
+        return feature_pair_loss(loss_fn, net)
+
     ema_rate = params["ema_rate"]
     if job.method == "cd":
         teacher = _teacher(job, device)
-        loss_fn = losses.CDLoss(params["num_scales"], **common)
+        loss_fn = wrap(losses.CDLoss(params["num_scales"], **common))
         return _Run(
             state,
             lambda fwd: loop.cd_step(
@@ -309,7 +319,7 @@ def build_run(job: TrainJob, device: Any, rank: int, world: int) -> _Run:
             ),
         )
     if job.method == "ct":
-        ct_loss = losses.CTLoss(**common)
+        ct_loss = wrap(losses.CTLoss(**common))
         return _Run(
             state,
             lambda fwd: loop.ct_step(
@@ -324,7 +334,7 @@ def build_run(job: TrainJob, device: Any, rank: int, world: int) -> _Run:
                 forward=fwd,
             ),
         )
-    ict_loss = losses.ICTLoss(p_mean=params["p_mean"], p_std=params["p_std"], **common)
+    ict_loss = wrap(losses.ICTLoss(p_mean=params["p_mean"], p_std=params["p_std"], **common))
     return _Run(
         state,
         lambda fwd: loop.ict_step(
@@ -365,9 +375,17 @@ def _initial_network(job: TrainJob, images: Any) -> Any:
     )
 
 
-def _lpips(params: dict[str, Any], device: Any) -> Any:
-    if params["distance"] != "lpips":
+def _perceptual(job: TrainJob, device: Any) -> Any:
+    """The perceptual network of distance lpips / feature: the ``perceptual`` input, else ``lpips_uri``."""
+    params = job.params
+    if params["distance"] not in ("lpips", "feature"):
         return None
-    from cmflow.training.perceptual import load_perceptual_uri
+    from cmflow.training import perceptual
 
-    return load_perceptual_uri(params["lpips_uri"], params.get("storage_options", {})).to(device)
+    if job.perceptual is not None:
+        net = perceptual.load_perceptual(
+            job.perceptual.read_bytes(perceptual.WEIGHTS), job.perceptual.read_json(perceptual.CONFIG)
+        )
+    else:
+        net = perceptual.load_perceptual_uri(params["lpips_uri"], params.get("storage_options", {}))
+    return net.to(device)

@@ -14,7 +14,9 @@ from cmflow.stage import Artifact, StageContext
 from cmflow.storage import Storage
 
 
-def commit_folder(storage: Storage, kind: str, key: str, folder: Path, meta: dict[str, Any] | None = None) -> Artifact:
+def commit_folder(
+    storage: Storage, kind: str, key: str, folder: Path, meta: dict[str, Any] | None = None
+) -> Artifact:
     """Commit ``folder`` as an artifact and return it as a stage input."""
     return Artifact(storage, storage.commit(kind, key, folder, meta=meta or {}))
 
@@ -23,7 +25,6 @@ def commit_folder(storage: Storage, kind: str, key: str, folder: Path, meta: dic
 def one_torch_thread() -> Iterator[None]:
     """One thread: these tiny workloads run several times faster on a shared 2-core machine."""
     import torch
-
     from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()
@@ -55,8 +56,12 @@ def make_dataset(storage: Storage, tmp_path: Path) -> Callable[..., Artifact]:
     def make(images: np.ndarray, labels: np.ndarray | None = None, name: str = "data") -> Artifact:
         folder = tmp_path / f"in-{name}"
         folder.mkdir()
-        info = write_dataset(folder, images, labels, source="test", num_classes=10 if labels is not None else 0)
-        return commit_folder(storage, "prepare_data", f"{name}-{info['digest'][:16]}", folder, dataset_meta(info))
+        info = write_dataset(
+            folder, images, labels, source="test", num_classes=10 if labels is not None else 0
+        )
+        return commit_folder(
+            storage, "prepare_data", f"{name}-{info['digest'][:16]}", folder, dataset_meta(info)
+        )
 
     return make
 
@@ -90,8 +95,14 @@ def make_ctx(storage: Storage, tmp_path: Path) -> Callable[..., StageContext]:
         out.mkdir()
         updates: list[dict[str, Any]] = []
         ctx = StageContext(
-            run_id="test-run", stage="evaluate", kind="evaluate", cache_key=cache_key, seed=0, out_dir=out,
-            storage=storage_override or storage, resources=Resources(cpus=1),
+            run_id="test-run",
+            stage="evaluate",
+            kind="evaluate",
+            cache_key=cache_key,
+            seed=0,
+            out_dir=out,
+            storage=storage_override or storage,
+            resources=Resources(cpus=1),
             reporter=lambda stage, update: updates.append(dict(update)),
         )
         ctx.updates = updates  # type: ignore[attr-defined]

@@ -22,11 +22,18 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 @pytest.fixture()
 def files(tmp_path: Path, digits_images: tuple[np.ndarray, np.ndarray]) -> dict[str, Path]:
     images = digits_images[0]
-    paths = {"npz": tmp_path / "real.npz", "half_a": tmp_path / "a.npz", "nhwc": tmp_path / "b-nhwc.npz",
-             "noise": tmp_path / "noise.npz", "folder": tmp_path / "pngs"}
+    paths = {
+        "npz": tmp_path / "real.npz",
+        "half_a": tmp_path / "a.npz",
+        "nhwc": tmp_path / "b-nhwc.npz",
+        "noise": tmp_path / "noise.npz",
+        "folder": tmp_path / "pngs",
+    }
     np.savez(paths["npz"], images=images)
     np.savez(paths["half_a"], images[:900])
-    np.savez(paths["nhwc"], x=images[900:].transpose(0, 2, 3, 1))  # not called "images": the first array is used
+    np.savez(
+        paths["nhwc"], x=images[900:].transpose(0, 2, 3, 1)
+    )  # not called "images": the first array is used
     np.savez(paths["noise"], images=np.random.default_rng(0).integers(0, 256, (600, 1, 8, 8), dtype=np.uint8))
     folder = paths["folder"]
     folder.mkdir()
@@ -38,7 +45,9 @@ def files(tmp_path: Path, digits_images: tuple[np.ndarray, np.ndarray]) -> dict[
 def test_stats_then_score(capsys: pytest.CaptureFixture[str], files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "ref" / "stats.npz"
     out.parent.mkdir()
-    code, text, err = cli(capsys, "fid", "stats", str(files["npz"]), "--extractor", "digits", "--out", str(out))
+    code, text, err = cli(
+        capsys, "fid", "stats", str(files["npz"]), "--extractor", "digits", "--out", str(out)
+    )
     assert code == 0, err
     assert text.startswith(f"wrote {out}: 1797 images, 64-d digits features")
     ref = stats_from_bytes(out.read_bytes())
@@ -61,7 +70,12 @@ def test_stats_then_score(capsys: pytest.CaptureFixture[str], files: dict[str, P
     pair = json.loads(text)
     assert abs(pair["fid"]) < 1e-6 and pair["precision"] == 1.0 and pair["recall"] == 1.0 and "kid" in pair
     code, text, _ = cli(capsys, "fid", "score", str(files["folder"]), "--ref", str(files["half_a"]))
-    assert code == 0 and text.startswith("FID ") and "precision" in text and "897 images vs 900 reference" in text
+    assert (
+        code == 0
+        and text.startswith("FID ")
+        and "precision" in text
+        and "897 images vs 900 reference" in text
+    )
 
 
 def test_bad_input_exits_2_with_one_line(
@@ -84,8 +98,10 @@ def test_bad_input_exits_2_with_one_line(
         (["score", str(files["npz"]), "--ref", str(stats), "--extractor", "inception-v3"], "needs --weights"),
         (["score", str(rgb), "--ref", str(stats)], "grey 8x8"),
         (["stats", str(files["npz"]), "--out", str(tmp_path / "o.npz"), "--extractor", "vgg"], "unknown"),
-        (["stats", str(files["npz"]), "--out", str(tmp_path / "o.npz"), "--weights", str(corrupt)],
-         "cannot load the digits extractor weights"),
+        (
+            ["stats", str(files["npz"]), "--out", str(tmp_path / "o.npz"), "--weights", str(corrupt)],
+            "cannot load the digits extractor weights",
+        ),
     ]
     for args, needle in cases:
         code, out, err = cli(capsys, "fid", *args)
@@ -100,8 +116,11 @@ def test_ref_computed_with_other_weights_is_refused(
 ) -> None:
     from cmflow.metrics.reference import stats_to_bytes
 
-    ref = stats_from_bytes((lambda p: (cli(capsys, "fid", "stats", str(files["npz"]), "--out", str(p)), p)[1])(
-        tmp_path / "s.npz").read_bytes())
+    ref = stats_from_bytes(
+        (lambda p: (cli(capsys, "fid", "stats", str(files["npz"]), "--out", str(p)), p)[1])(
+            tmp_path / "s.npz"
+        ).read_bytes()
+    )
     other = tmp_path / "other.npz"
     other.write_bytes(stats_to_bytes(ref.mu, ref.sigma, ref.n, {**ref.meta, "extractor_sha256": "0" * 64}))
     code, _, err = cli(capsys, "fid", "score", str(files["npz"]), "--ref", str(other))

@@ -37,7 +37,9 @@ def random_inception_bytes(seed: int = 0) -> bytes:
 
 @pytest.mark.slow  # a 95 MB weights file through the S3 endpoint and 14 images through Inception at 299x299
 def test_inception_weights_from_s3_with_artifacts_on_s3(
-    s3_root: tuple[str, dict[str, str]], digits_images: tuple[np.ndarray, np.ndarray], tmp_path: Path,
+    s3_root: tuple[str, dict[str, str]],
+    digits_images: tuple[np.ndarray, np.ndarray],
+    tmp_path: Path,
     make_ctx: Callable[..., StageContext],
 ) -> None:
     import fsspec
@@ -61,8 +63,16 @@ def test_inception_weights_from_s3_with_artifacts_on_s3(
     save_model(CMPrecond(make_unet("tiny", 8, 1)), model_dir)
     model = Artifact(storage, storage.commit("distill", "m" * 64, model_dir), tmp_path / "cache")
 
-    params = EvaluateParams(extractor="inception-v3", weights_uri=weights_uri, num_samples=4, seeds=[0],
-                            midpoint=0.8, kid_subsets=2, grid_size=2, feature_batch_size=6)
+    params = EvaluateParams(
+        extractor="inception-v3",
+        weights_uri=weights_uri,
+        num_samples=4,
+        seeds=[0],
+        midpoint=0.8,
+        kid_subsets=2,
+        grid_size=2,
+        feature_batch_size=6,
+    )
     ctx = make_ctx(storage_override=storage)
     meta = evaluate(params, {"data": data, "model": model}, ctx)
     import json
@@ -82,8 +92,14 @@ def test_inception_weights_from_s3_with_artifacts_on_s3(
     with fsspec.open(bad_uri, "wb", **options) as handle:
         handle.write(buffer.getvalue())
     with pytest.raises(InputError, match="cannot load the inception-v3 extractor weights"):
-        evaluate(params.model_copy(update={"weights_uri": bad_uri}), {"data": data, "model": model},
-                 make_ctx(storage_override=storage))
+        evaluate(
+            params.model_copy(update={"weights_uri": bad_uri}),
+            {"data": data, "model": model},
+            make_ctx(storage_override=storage),
+        )
     with pytest.raises(InputError, match="does not exist"):
-        evaluate(params.model_copy(update={"weights_uri": f"{root}/weights/missing.pth"}),
-                 {"data": data, "model": model}, make_ctx(storage_override=storage))
+        evaluate(
+            params.model_copy(update={"weights_uri": f"{root}/weights/missing.pth"}),
+            {"data": data, "model": model},
+            make_ctx(storage_override=storage),
+        )

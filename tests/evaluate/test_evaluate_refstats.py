@@ -26,7 +26,9 @@ def perturbed_digits_weights() -> bytes:
     return save(state)
 
 
-def test_computed_once_then_a_cache_hit(storage: Storage, digits_images: tuple[np.ndarray, np.ndarray]) -> None:
+def test_computed_once_then_a_cache_hit(
+    storage: Storage, digits_images: tuple[np.ndarray, np.ndarray]
+) -> None:
     images = digits_images[0][:300]
     extractor = load_extractor("digits")
     calls: list[int] = []
@@ -36,8 +38,15 @@ def test_computed_once_then_a_cache_hit(storage: Storage, digits_images: tuple[n
         calls.append(1)
         return images
 
-    first = get_reference(storage, load, dataset_digest="d" * 64, extractor=extractor, resolution=8,
-                          batch_size=128, on_batch=lambda done, total: progress.append((done, total)))
+    first = get_reference(
+        storage,
+        load,
+        dataset_digest="d" * 64,
+        extractor=extractor,
+        resolution=8,
+        batch_size=128,
+        on_batch=lambda done, total: progress.append((done, total)),
+    )
     second = get_reference(storage, load, dataset_digest="d" * 64, extractor=extractor, resolution=8)
     assert calls == [1]  # the second call never loaded the images
     assert not first.hit and second.hit
@@ -80,8 +89,14 @@ def test_feature_subset_and_a_corrupt_artifact_is_recomputed(
     images, labels = digits_images
     sorted_images = images[np.argsort(labels, kind="stable")][:400]  # sorted by class, as folders often are
     extractor = load_extractor("digits")
-    ref = get_reference(storage, lambda: sorted_images, dataset_digest="s" * 64, extractor=extractor,
-                        resolution=8, max_features=100)
+    ref = get_reference(
+        storage,
+        lambda: sorted_images,
+        dataset_digest="s" * 64,
+        extractor=extractor,
+        resolution=8,
+        max_features=100,
+    )
     assert ref.stats.n == 400 and ref.features.shape[0] == 100
     # the kept rows are a shuffled subset, not the first 100 (which are all zeros and ones)
     first_rows = extractor(torch.from_numpy(sorted_images[:100])).numpy()
@@ -90,8 +105,14 @@ def test_feature_subset_and_a_corrupt_artifact_is_recomputed(
     prefix = Storage.artifact_prefix(REFERENCE_KIND, ref.cache_key)
     path = Path(storage.path(f"{prefix}/attempts/{ref.attempt}/stats.npz"))
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
-    again = get_reference(storage, lambda: sorted_images, dataset_digest="s" * 64, extractor=extractor,
-                          resolution=8, max_features=100)
+    again = get_reference(
+        storage,
+        lambda: sorted_images,
+        dataset_digest="s" * 64,
+        extractor=extractor,
+        resolution=8,
+        max_features=100,
+    )
     assert not again.hit and again.attempt != ref.attempt
     assert again.digest == ref.digest  # deterministic bytes: the same statistics again
 

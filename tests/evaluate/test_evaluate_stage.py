@@ -20,14 +20,34 @@ from cmflow.stages.evaluate import EvaluateParams, evaluate
 from cmflow.storage import Storage
 
 META_KEYS = {
-    "fid_1step", "fid_2step", "fid_teacher", "ratio_1step", "ratio_2step", "nfe_teacher", "midpoint_sigma",
-    "kid_1step", "precision_1step", "recall_1step", "ref_stats_digest", "num_samples", "num_seeds", "extractor",
+    "fid_1step",
+    "fid_2step",
+    "fid_teacher",
+    "ratio_1step",
+    "ratio_2step",
+    "nfe_teacher",
+    "midpoint_sigma",
+    "kid_1step",
+    "precision_1step",
+    "recall_1step",
+    "ref_stats_digest",
+    "num_samples",
+    "num_seeds",
+    "extractor",
 }
-SMALL = {"num_samples": 48, "seeds": [0, 1], "teacher_steps": 2, "midpoint": 0.8, "kid_subsets": 4,
-         "grid_size": 4}
+SMALL = {
+    "num_samples": 48,
+    "seeds": [0, 1],
+    "teacher_steps": 2,
+    "midpoint": 0.8,
+    "kid_subsets": 4,
+    "grid_size": 4,
+}
 
 
-def run(params: dict[str, Any], inputs: dict[str, Artifact], ctx: StageContext) -> tuple[dict[str, Any], dict]:
+def run(
+    params: dict[str, Any], inputs: dict[str, Artifact], ctx: StageContext
+) -> tuple[dict[str, Any], dict]:
     meta = evaluate(EvaluateParams(**params), inputs, ctx)
     json.dumps(meta, allow_nan=False)  # the meta must be plain JSON (it is part of the content digest)
     return meta, json.loads((ctx.out_dir / "report.json").read_text())
@@ -47,8 +67,10 @@ def test_registered_in_the_stage_table() -> None:
 
 
 def test_report_pngs_and_batch_size_independence(
-    digits_images: tuple[np.ndarray, np.ndarray], make_dataset: Callable[..., Artifact],
-    make_model: Callable[..., Artifact], make_ctx: Callable[..., StageContext],
+    digits_images: tuple[np.ndarray, np.ndarray],
+    make_dataset: Callable[..., Artifact],
+    make_model: Callable[..., Artifact],
+    make_ctx: Callable[..., StageContext],
 ) -> None:
     data = make_dataset(*digits_images)
     inputs = {"data": data, "model": make_model("cm"), "teacher": make_model("edm")}
@@ -84,7 +106,13 @@ def test_report_pngs_and_batch_size_independence(
     assert set(report["timing_s"]) >= {"reference", "teacher", "cm-1step", "cm-2step"}
 
     names = sorted(p.name for p in ctx.out_dir.iterdir())
-    assert names == ["fid_vs_nfe.png", "grid-cm-1step.png", "grid-cm-2step.png", "grid-teacher.png", "report.json"]
+    assert names == [
+        "fid_vs_nfe.png",
+        "grid-cm-1step.png",
+        "grid-cm-2step.png",
+        "grid-teacher.png",
+        "report.json",
+    ]
     assert png_size(ctx.out_dir / "grid-cm-1step.png") == (4 * 32, 4 * 32)  # 4x4 tiles of 8 px, upscaled x4
     assert min(png_size(ctx.out_dir / "fid_vs_nfe.png")) > 100
     messages = [u.get("message", "") for u in ctx.updates]  # type: ignore[attr-defined]
@@ -95,13 +123,17 @@ def test_report_pngs_and_batch_size_independence(
 
     # same seeds, other batch sizes: identical samples, so identical numbers; the reference is a cache hit
     ctx2 = make_ctx()
-    meta2, report2 = run({**SMALL, "batch_size": 20, "feature_batch_size": 7, "reuse_teacher": False}, inputs, ctx2)
+    meta2, report2 = run(
+        {**SMALL, "batch_size": 20, "feature_batch_size": 7, "reuse_teacher": False}, inputs, ctx2
+    )
     assert report2["reference"]["cache_hit"] is True
     for name in ("grid-teacher.png", "grid-cm-1step.png", "grid-cm-2step.png"):
         assert (ctx2.out_dir / name).read_bytes() == (ctx.out_dir / name).read_bytes()
     # float32 features in other batch groupings round differently in the last bits, nothing more
     for name in ("teacher", "cm-1step", "cm-2step"):
-        for row2, row in zip(report2["settings"][name]["per_seed"], report["settings"][name]["per_seed"], strict=True):
+        for row2, row in zip(
+            report2["settings"][name]["per_seed"], report["settings"][name]["per_seed"], strict=True
+        ):
             assert row2 == pytest.approx(row, rel=1e-6)
     numbers = [k for k in META_KEYS if isinstance(meta[k], float)]
     assert {k: meta2[k] for k in numbers} == pytest.approx({k: meta[k] for k in numbers}, rel=1e-6)
@@ -109,21 +141,27 @@ def test_report_pngs_and_batch_size_independence(
 
 
 def test_teacher_results_are_reused_from_the_store(
-    digits_images: tuple[np.ndarray, np.ndarray], make_dataset: Callable[..., Artifact],
-    make_model: Callable[..., Artifact], make_ctx: Callable[..., StageContext],
+    digits_images: tuple[np.ndarray, np.ndarray],
+    make_dataset: Callable[..., Artifact],
+    make_model: Callable[..., Artifact],
+    make_ctx: Callable[..., StageContext],
 ) -> None:
     data, teacher = make_dataset(*digits_images), make_model("edm")
     params = {**SMALL, "seeds": [0], "teacher_seeds": [0, 1]}
     _, first = run(params, {"data": data, "model": make_model("cm"), "teacher": teacher}, make_ctx())
     assert first["settings"]["teacher"]["cached_seeds"] == []
     ctx = make_ctx()  # a new student, the same teacher: only the new teacher seed is sampled
-    _, second = run({**params, "teacher_seeds": [1, 2]}, {"data": data, "model": make_model("cm", seed=1),
-                                                         "teacher": teacher}, ctx)
+    _, second = run(
+        {**params, "teacher_seeds": [1, 2]},
+        {"data": data, "model": make_model("cm", seed=1), "teacher": teacher},
+        ctx,
+    )
     assert second["settings"]["teacher"]["cached_seeds"] == [1]
     assert second["settings"]["teacher"]["per_seed"][0] == first["settings"]["teacher"]["per_seed"][1]
     assert any("teacher seed 1 (cached)" in u.get("message", "") for u in ctx.updates)  # type: ignore[attr-defined]
-    _, third = run(params, {"data": data, "model": make_model("cm"), "teacher": make_model("edm", seed=2)},
-                   make_ctx())
+    _, third = run(
+        params, {"data": data, "model": make_model("cm"), "teacher": make_model("edm", seed=2)}, make_ctx()
+    )
     assert third["settings"]["teacher"]["cached_seeds"] == []
 
 
@@ -136,16 +174,25 @@ def test_samples_do_not_depend_on_the_batch_split(make_model: Callable[..., Arti
     artifact = make_model("edm")
     model = load_model(artifact.path("model.safetensors"), artifact.read_json("model.json"))
     for method in ("edm", "cm"):
-        sample = _sampler(model, method=method, shape=(1, 8, 8), num_classes=0, device="cpu", num_steps=2,
-                          sigmas=(80.0, 0.5))
+        sample = _sampler(
+            model,
+            method=method,
+            shape=(1, 8, 8),
+            num_classes=0,
+            device="cpu",
+            num_steps=2,
+            sigmas=(80.0, 0.5),
+        )
         whole = sample(range(10, 40))
         parts = torch.cat([sample(range(10, 17)), sample(range(17, 40))])
         assert whole.dtype == torch.uint8 and torch.equal(whole, parts)
 
 
 def test_midpoint_from_model_json_or_search_and_no_teacher(
-    digits_images: tuple[np.ndarray, np.ndarray], make_dataset: Callable[..., Artifact],
-    make_model: Callable[..., Artifact], make_ctx: Callable[..., StageContext],
+    digits_images: tuple[np.ndarray, np.ndarray],
+    make_dataset: Callable[..., Artifact],
+    make_model: Callable[..., Artifact],
+    make_ctx: Callable[..., StageContext],
 ) -> None:
     data = make_dataset(*digits_images)
     stored = make_model("cm", sampling={"two_step_sigmas": [80.0, 1.25]})
@@ -156,8 +203,11 @@ def test_midpoint_from_model_json_or_search_and_no_teacher(
     assert set(report["settings"]) == {"cm-1step", "cm-2step"}
 
     ctx = make_ctx()
-    meta, report = run({**params, "midpoint": "model", "search_iters": 2, "search_samples": 24,
-                        "search_range": [0.1, 10.0]}, {"data": data, "model": make_model("cm")}, ctx)
+    meta, report = run(
+        {**params, "midpoint": "model", "search_iters": 2, "search_samples": 24, "search_range": [0.1, 10.0]},
+        {"data": data, "model": make_model("cm")},
+        ctx,
+    )
     search = report["midpoint"]
     assert search["source"] == "search" and len(search["evaluations"]) == 4
     assert search["sample_seeds_start"] >= 10**9  # held-out seeds, never the evaluation samples
@@ -167,8 +217,11 @@ def test_midpoint_from_model_json_or_search_and_no_teacher(
 
 
 def test_fid_of_held_out_real_images_is_far_below_noise(
-    digits_images: tuple[np.ndarray, np.ndarray], make_dataset: Callable[..., Artifact],
-    make_model: Callable[..., Artifact], make_ctx: Callable[..., StageContext], storage: Storage,
+    digits_images: tuple[np.ndarray, np.ndarray],
+    make_dataset: Callable[..., Artifact],
+    make_model: Callable[..., Artifact],
+    make_ctx: Callable[..., StageContext],
+    storage: Storage,
     tmp_path: Path,
 ) -> None:
     from cmflow.data.shards import dataset_meta, write_dataset
@@ -182,31 +235,45 @@ def test_fid_of_held_out_real_images_is_far_below_noise(
         folder = tmp_path / name
         folder.mkdir()
         info = write_dataset(folder, pictures, None, source="test", num_classes=0, extra={"num_steps": 18})
-        return Artifact(storage, storage.commit("teacher_sample", hashlib.sha256(name.encode()).hexdigest(),
-                                                folder, meta=dataset_meta(info)))
+        return Artifact(
+            storage,
+            storage.commit(
+                "teacher_sample", hashlib.sha256(name.encode()).hexdigest(), folder, meta=dataset_meta(info)
+            ),
+        )
 
     data, model = make_dataset(train), make_model("cm")
     params = {**SMALL, "num_samples": 300, "seeds": [0, 1], "batch_size": 300}
     results = {}
     for name, pictures in (("held-out", held_out), ("noise", noise)):
-        meta, report = run(params, {"data": data, "model": model, "teacher_samples": samples_artifact(name, pictures)},
-                           make_ctx())
+        meta, report = run(
+            params,
+            {"data": data, "model": model, "teacher_samples": samples_artifact(name, pictures)},
+            make_ctx(),
+        )
         teacher = report["settings"]["teacher"]
         assert teacher["source"] == "teacher_samples" and teacher["nfe"] == 35 and teacher["chunks"] == 2
         assert teacher["nfe_assumed"] is False
         results[name] = meta
     real, noisy = results["held-out"], results["noise"]
     assert real["fid_teacher"] * 20 < noisy["fid_teacher"]
-    assert real["fid_teacher"] < real["fid_1step"]  # an untrained CM is far from the data, real images are not
+    assert (
+        real["fid_teacher"] < real["fid_1step"]
+    )  # an untrained CM is far from the data, real images are not
     # fewer teacher samples than num_samples: a clean input error
     with pytest.raises(InputError, match="fewer than num_samples"):
-        run({**params, "num_samples": 800}, {"data": data, "model": model,
-                                             "teacher_samples": samples_artifact("few", held_out[:700])}, make_ctx())
+        run(
+            {**params, "num_samples": 800},
+            {"data": data, "model": model, "teacher_samples": samples_artifact("few", held_out[:700])},
+            make_ctx(),
+        )
 
 
 def test_bad_inputs_are_input_errors(
-    digits_images: tuple[np.ndarray, np.ndarray], make_dataset: Callable[..., Artifact],
-    make_model: Callable[..., Artifact], make_ctx: Callable[..., StageContext],
+    digits_images: tuple[np.ndarray, np.ndarray],
+    make_dataset: Callable[..., Artifact],
+    make_model: Callable[..., Artifact],
+    make_ctx: Callable[..., StageContext],
 ) -> None:
     data = make_dataset(*digits_images)
     with pytest.raises(InputError, match="holds a 'edm' model"):

@@ -75,4 +75,6 @@ def run_task(
         inputs={name: manifest_text(m) for name, m in inputs.items()},
         tracking=tracking,
     )
-    return Manifest.from_json(execute_stage(task))
+    data = json.loads(execute_stage(task))
+    data.pop("node_id", None)  # the worker adds where it ran; the driver pops it the same way
+    return Manifest.from_json(json.dumps(data))

@@ -128,6 +128,7 @@ def test_mlflow_models_serve_answers_invocations(
     port = free_port()
     log = tmp_path / "serve.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_REGISTRY_URI": mlflow_server}
+    env["OMP_NUM_THREADS"] = "1"
     env["PATH"] = (
         f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the scoring server: uvicorn
     )

@@ -39,7 +39,9 @@ def run_stage(
         storage_options=storage.options,
         inputs={name: _manifest_text(m) for name, m in (inputs or {}).items()},
     )
-    return Manifest.from_json(execute_stage(task))
+    data = json.loads(execute_stage(task))
+    data.pop("node_id", None)  # the worker adds where it ran (the driver pops it the same way)
+    return Manifest.from_json(json.dumps(data))
 
 
 def _manifest_text(manifest: Manifest) -> str:
