@@ -85,8 +85,10 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def _not_found(exc: Exception) -> bool:
-    return getattr(exc, "error_code", "") in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}
+def check_alias(alias: str) -> str:
+    if not ALIAS_RE.match(alias):
+        raise UsageError(f"alias {alias!r} must be a letter then up to 62 letters, digits, '_' or '-'")
+    return alias
 
 
 def _exists(exc: Exception) -> bool:
@@ -216,9 +218,10 @@ def register_version(
             model_id=logged.model_id,
             description=description or None,
         )
-    else:
+    else:  # keep the lineage of the attempt that logged it; add what it lacked
         for key, value in tags.items():
-            client.set_model_version_tag(name, existing.version, key, value)
+            if key not in (existing.tags or {}):
+                client.set_model_version_tag(name, existing.version, key, value)
     if alias:
         registry_call(
             f"cannot set alias {alias}", client.set_registered_model_alias, name, alias, existing.version
@@ -529,6 +532,7 @@ def promote(
     ``stale_after_s`` old. ``force`` skips the gate, not the concurrency control.
     """
     check_model_name(name)
+    check_alias(alias)
     version = str(version)
     gate = gate or Gate()
     mv = registry_call(f"no version {version} of {name!r}", client.get_model_version, name, version)
@@ -570,6 +574,7 @@ def rollback(
 ) -> Promotion:
     """Move ``alias`` back to the version recorded as the current holder's previous champion."""
     check_model_name(name)
+    check_alias(alias)
     seen = _state(client, name, alias)
     if seen.champion is None:
         raise RegistryError(f"model {name!r} has no {alias!r} alias to roll back; promote a version first")

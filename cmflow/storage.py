@@ -99,6 +99,16 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
+def _is_access_problem(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    if name in {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return True
+    text = str(exc)
+    return isinstance(exc, PermissionError) or any(
+        s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken")
+    )
+
+
 @dataclass
 class Manifest:
     """The commit record of one artifact."""
@@ -204,6 +214,12 @@ class Storage:
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - classified below
+                if _is_access_problem(exc):
+                    raise StorageError(
+                        f"storage {redact_uri(self.root)}: cannot {what} ({type(exc).__name__}); check the "
+                        "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.options key/secret) "
+                        "and the bucket"
+                    ) from None
                 if not _is_transient(exc):
                     raise
                 if attempt == self.retries:

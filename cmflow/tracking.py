@@ -167,6 +167,7 @@ class PipelineTracker:
         self.experiment_id = experiment
         self.run_id = run_id
         self._finished = False
+        self._recorded: dict[str, set[str]] | None = None  # stage -> cache keys already under this parent
 
     @classmethod
     def start(cls, spec: PipelineSpec, record: RunRecord) -> PipelineTracker:
@@ -179,7 +180,7 @@ class PipelineTracker:
         try:
             client = client_for(uri)
             exp = experiment_id(client, spec.tracking.experiment or spec.name, _artifact_location(uri, spec))
-            run_id = cls._open_run(client, exp, spec, record)
+            run_id, resumed = cls._open_run(client, exp, spec, record)
         except Exception as exc:  # noqa: BLE001 - connection, store or permission problems
             error = StageError(
                 f"MLflow tracking at {redact_uri(uri)} is unavailable ({type(exc).__name__}: "
@@ -189,10 +190,14 @@ class PipelineTracker:
             _mark_failed(spec, record, str(error))
             raise error from None
         record.tracking = {"uri": redact_uri(uri), "experiment_id": exp, "parent_run_id": run_id}
-        return cls(spec, record, uri, client, exp, run_id)
+        tracker = cls(spec, record, uri, client, exp, run_id)
+        if not resumed:
+            tracker._recorded = {}  # a fresh parent run has no children yet
+        return tracker
 
     @staticmethod
-    def _open_run(client: Any, exp: str, spec: PipelineSpec, record: RunRecord) -> str:
+    def _open_run(client: Any, exp: str, spec: PipelineSpec, record: RunRecord) -> tuple[str, bool]:
+        """(parent run id, whether an existing parent run of this cmflow run was reopened)."""
         snapshot = spec.redacted()
         digest = hashlib.sha256(json.dumps(snapshot, sort_keys=True).encode()).hexdigest()
         tags = {
@@ -219,7 +224,7 @@ class PipelineTracker:
             log_params(client, run_id, flatten({k: v for k, v in snapshot.items() if k != "description"}))
         except Exception as exc:  # noqa: BLE001 - e.g. a resumed run whose overrides changed a param
             _warn("logging the spec params", exc)
-        return run_id
+        return run_id, bool(existing)
 
     def stage_payload(self, stage: str) -> dict[str, Any]:
         """What a stage task needs to open its child run (JSON-able; the URI may carry credentials)."""
@@ -231,8 +236,14 @@ class PipelineTracker:
         }
 
     def stage_cached(self, stage: str, srec: StageRecord) -> None:
-        """A child run recording a cache hit: its key, manifest URI and the run that produced it."""
+        """A child run recording a cache hit: its key, manifest URI and the run that produced it.
+
+        A resumed run reopens its parent run; stages that already have a child run there with the same
+        cache key (they finished in an earlier attempt) get no second one.
+        """
         try:
+            if srec.cache_key in self._recorded_keys().get(stage, set()):
+                return
             tags = {
                 **_stage_tags(self.run_id, stage, srec.kind, srec.cache_key, hit=True),
                 "cmflow.run_id": self.cmflow_run_id,
@@ -251,6 +262,20 @@ class PipelineTracker:
             self.client.set_terminated(run_id, "FINISHED")
         except Exception as exc:  # noqa: BLE001 - tracking never fails the pipeline
             _warn(f"recording the cache hit of {stage}", exc)
+
+    def _recorded_keys(self) -> dict[str, set[str]]:
+        if self._recorded is None:
+            self._recorded = {}
+            children = self.client.search_runs(
+                [self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.run_id}'", max_results=1000
+            )
+            for run in children:
+                tags = run.data.tags
+                if run.info.status == "FINISHED" and "cmflow.stage" in tags:
+                    self._recorded.setdefault(tags["cmflow.stage"], set()).add(
+                        tags.get("cmflow.cache_key", "")
+                    )
+        return self._recorded
 
     def _producer_run(self, cache_key: str) -> str:
         runs = self.client.search_runs(

@@ -113,9 +113,21 @@ def run_pipeline(
             record = RunRecord.start(run_id, spec.redacted(), kinds)
     else:
         record = RunRecord.start(new_run_id(spec.name), spec.redacted(), kinds)
-    record.save(storage)
+    # The record is written once work starts (a task dispatched) or the run ends; a run refused up front
+    # (bad resources) leaves nothing in the store.
+    persist = run_id is not None
+    if persist:
+        record.save(storage)
 
     runtime = RayRuntime(address=address or spec.ray.address, num_cpus=spec.ray.num_cpus)
+    to_run = [row.stage for row in plan(spec, forced) if row.decision != "hit"]
+    if to_run:  # refuse what no node can place before anything is written or tracked
+        runtime.start()
+        try:
+            runtime.check_feasible((n, spec.stages[n].resources) for n in to_run)
+        except BaseException:
+            runtime.stop()
+            raise
     tracker = _pipeline_tracker(spec, record)
     digests: dict[str, str] = {}
     manifests: dict[str, str] = {}  # stage -> manifest JSON (with uri)
@@ -157,11 +169,9 @@ def run_pipeline(
                     srec.reason = found.reason
                 else:
                     srec.reason = "cache disabled for this run"
-                if runtime.hub is None:
+                if runtime.hub is None:  # the plan said all hits, but an artifact vanished since
                     runtime.start()
-                    runtime.check_feasible(
-                        (n, spec.stages[n].resources) for n in order if record.stages[n].status == "pending"
-                    )
+                    runtime.check_feasible([(name, stage.resources)])
                 task = StageTask(
                     run_id=record.run_id,
                     stage=name,
@@ -195,9 +205,10 @@ def run_pipeline(
                 )
                 running[ref] = (name, time.time())
                 srec.status, srec.started_at = "running", utcnow()
-                launched = True
+                launched = persist = True
             if launched:
-                record.save(storage)
+                if persist:
+                    record.save(storage)
                 notify()
             if not running:
                 break
@@ -227,6 +238,7 @@ def run_pipeline(
             if ready:
                 record.save(storage)
             notify()
+        persist = True
         failed = [n for n in order if record.stages[n].status in {"failed"}]
         record.status = "failed" if failed else "succeeded"
         if failed:
@@ -240,7 +252,8 @@ def run_pipeline(
                 srec.error = srec.error or "the driver stopped"
         raise
     finally:
-        record.save(storage)
+        if persist:
+            record.save(storage)
         if tracker is not None:
             tracker.finish(record)
         notify()

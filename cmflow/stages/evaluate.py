@@ -688,6 +688,11 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageCont
     data = inputs["data"]
     dataset_digest, channels, resolution = _dataset_info(data)
     shape = (channels, resolution, resolution)
+    if params.extractor == "digits" and shape != (1, 8, 8):
+        raise InputError(
+            f"the digits extractor takes grey 8x8 images but the dataset is {channels}x{resolution}x{resolution}; "
+            "set params.extractor: inception-v3 with params.weights_uri"
+        )
     model, config = _load_net(inputs["model"], "model", "cm", ctx.device)
     image = config.get("image") or {}
     if image and (image.get("channels"), image.get("resolution")) != (channels, resolution):

@@ -144,6 +144,9 @@ def register(params: RegisterParams, inputs: dict[str, Artifact], ctx: StageCont
             raise StageError(f"input 'model' has no {name}; connect a distill/train_cm stage")
     metrics, ref_digest = _report(inputs.get("report"))
     data = inputs.get("data")
+    # the dataset's content digest; without a data input, the one the training stage wrote in model.json
+    dataset_digest = str(data.meta.get("digest") or data.digest) if data is not None else ""
+    dataset_digest = dataset_digest or str(model.read_json("model.json").get("dataset_digest") or "")
     uri = _tracking_uri(params.tracking_uri, ctx)
     client = client_for(uri)
     run_id, exp, owned = _registration_run(client, uri, params, ctx)
@@ -154,9 +157,7 @@ def register(params: RegisterParams, inputs: dict[str, Artifact], ctx: StageCont
         "cmflow.model_digest": model.digest,
         "cmflow.model_uri": model.uri,
         **({"cmflow.ref_stats_digest": ref_digest} if ref_digest else {}),
-        **(
-            {"cmflow.dataset_digest": str(data.meta.get("digest") or data.digest)} if data is not None else {}
-        ),
+        **({"cmflow.dataset_digest": dataset_digest} if dataset_digest else {}),
         **{key: repr(value) for key, value in metrics.items()},
     }
     tags = {key: redact_uri(value) for key, value in tags.items()}

@@ -282,6 +282,9 @@ def test_bad_inputs_are_input_errors(
         run(SMALL, {"data": data, "model": make_model("cm"), "teacher": make_model("cm", seed=1)}, make_ctx())
     with pytest.raises(InputError, match="must lie in"):
         run({**SMALL, "midpoint": 95.0}, {"data": data, "model": make_model("cm")}, make_ctx())
+    big = make_dataset(np.zeros((4, 1, 16, 16), dtype=np.uint8), name="big")
+    with pytest.raises(InputError, match="digits extractor takes grey 8x8"):
+        run(SMALL, {"data": big, "model": make_model("cm")}, make_ctx())
     with pytest.raises(ValueError, match="needs weights_uri"):
         EvaluateParams(extractor="inception-v3")
     with pytest.raises(ValueError, match="distinct"):

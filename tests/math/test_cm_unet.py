@@ -1,7 +1,6 @@
 """UNet backbone: shapes per preset, conditioning paths, config round trip."""
 
 import json
-import time
 
 import pytest
 import torch
@@ -72,10 +71,7 @@ def test_paper_scale_presets():
 
 
 def test_cifar10_forward_batch1():
-    t0 = time.perf_counter()
     net = make_unet("cifar10", 32, 3).eval()
-    if time.perf_counter() - t0 > 1.0:  # the forward costs about as much as construction (~0.15 s idle)
-        pytest.skip("machine too slow or loaded for a 54 M-parameter forward pass (> 2 s)")
     with torch.no_grad():
         out = net(torch.randn(1, 3, 32, 32), torch.randn(1))
     assert out.shape == (1, 3, 32, 32)

@@ -86,6 +86,8 @@ def test_nested_runs_per_stage_and_cache_hits_on_rerun(tmp_path: Path, mlflow_se
 
     resumed = run_pipeline(spec, run_id=again.run_id)  # resume: the same parent run, reopened
     assert resumed.tracking["parent_run_id"] == parent2.info.run_id
+    parent3, _ = runs_of(client, resumed)  # still one child per stage (no second hit run)
+    assert parent3.info.status == "FINISHED" and parent3.data.tags["cmflow.attempt"] == "2"
 
 
 def test_credentials_never_reach_mlflow(s3_root: tuple[str, dict[str, str]], mlflow_server: str) -> None:
