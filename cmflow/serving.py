@@ -248,7 +248,9 @@ def _labels(request: Request, num_classes: int, rng: Any, device: str) -> Any:
     import torch
 
     if request.class_labels is None:
-        return rng.randint(0, num_classes, (request.num_samples,)).reshape(-1) if num_classes else None
+        if not num_classes:
+            return None
+        return rng.randint(0, num_classes, (request.num_samples,)).reshape(-1).to(device)
     if num_classes == 0:
         raise InputError("this model is unconditional; leave class_labels out")
     if any(not 0 <= v < num_classes for v in request.class_labels):
@@ -291,7 +293,8 @@ def generate_images(model: Any, config: dict[str, Any], request: Request, device
 
     channels, resolution = int(config["image"]["channels"]), int(config["image"]["resolution"])
     n = request.num_samples
-    rng = StackedRandomGenerator(device, [request.seed + i for i in range(n)])
+    # noise is drawn on the CPU (and moved), so a seed gives the same images on any device
+    rng = StackedRandomGenerator("cpu", [request.seed + i for i in range(n)])
     labels = _labels(request, int(config.get("num_classes", 0) or 0), rng, device)
     sigma_min = float(config.get("precond", {}).get("sigma_min", 0.002))
     model = model.to(device)
@@ -299,12 +302,12 @@ def generate_images(model: Any, config: dict[str, Any], request: Request, device
         if config.get("kind") == "edm":
             if request.task != "generate" or isinstance(request.steps, tuple):
                 raise InputError("an EDM teacher only samples (task generate, a step count); register a CM")
-            latents = rng.randn((n, channels, resolution, resolution))
+            latents = rng.randn((n, channels, resolution, resolution)).to(device)
             return to_uint8(edm_sampler(model, latents, num_steps=request.steps or 18, class_labels=labels))
         if request.task != "generate":
             common = {"generator": rng, "sigma_min": sigma_min, "class_labels": labels}
             return to_uint8(_edit(model, request, config, common, device))
-        latents = rng.randn((n, channels, resolution, resolution))  # (N, C, H, W)
+        latents = rng.randn((n, channels, resolution, resolution)).to(device)  # (N, C, H, W)
         sigmas = sigmas_for(request.steps, config)
         x = cm_sample(model, latents, sigmas, generator=rng, sigma_min=sigma_min, class_labels=labels)
         return to_uint8(x)
@@ -357,14 +360,17 @@ def pyfunc_model() -> Any:
             from cmflow.models.io import load_model
 
             self.config = json.loads(Path(context.artifacts["config"]).read_text())
-            self.model = load_model(context.artifacts["weights"], self.config)
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.model = load_model(context.artifacts["weights"], self.config).to(self.device)
 
         # No type hints here: MLflow would derive a schema from them instead of the logged signature.
         def predict(self, context, model_input, params=None):
             from mlflow.exceptions import MlflowException
 
             try:
-                return generate_images(self.model, self.config, parse_request(model_input))
+                return generate_images(self.model, self.config, parse_request(model_input), self.device)
             except InputError as exc:
                 raise MlflowException.invalid_parameter_value(str(exc)) from None
 

@@ -35,7 +35,6 @@ def random_inception_bytes(seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.slow  # a 95 MB weights file through the S3 endpoint and 14 images through Inception at 299x299
 def test_inception_weights_from_s3_with_artifacts_on_s3(
     s3_root: tuple[str, dict[str, str]],
     digits_images: tuple[np.ndarray, np.ndarray],
