@@ -9,9 +9,15 @@ from __future__ import annotations
 
 
 class CmflowError(Exception):
-    """Base class: a known failure with a one-line message that names the fix."""
+    """Base class: a known failure with a one-line message that names the fix.
+
+    Messages are folded to one line (library errors quoted inside them can span several).
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *args: object) -> None:
+        super().__init__(" ".join(str(message).split()), *args)
 
 
 class SpecError(CmflowError):

@@ -102,7 +102,7 @@ def registry_call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except MlflowException as exc:
-        raise RegistryError(f"{what}: {exc.message.splitlines()[0]}") from None
+        raise RegistryError(f"{what}: {exc.message.splitlines()[0]}; see `cmflow models list`") from None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cmflow.errors import SpecError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-SECRET_RE = re.compile(r"(secret|password|passwd|token|credential|key$|^key|access_key)", re.IGNORECASE)
+SECRET_RE = re.compile(
+    r"(secret|password|passwd|token|credential|^key$|access_key|api_key|private_key|session_key)",
+    re.IGNORECASE,
+)
 
 
 class _Model(BaseModel):

@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
@@ -143,7 +143,8 @@ class Manifest:
         data = json.loads(text)
         stored_digest = data.pop("digest", None)
         uri = data.pop("uri", None) or uri
-        manifest = cls(**data, uri=uri)
+        known = {f.name for f in fields(cls)}
+        manifest = cls(**{k: v for k, v in data.items() if k in known and k != "uri"}, uri=uri)
         if stored_digest != manifest.digest:
             raise ValueError("manifest digest does not match its contents")
         return manifest
@@ -215,7 +216,7 @@ class Storage:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - classified below
                 if _is_access_problem(exc):
-                    raise StorageError(
+                    raise InputError(
                         f"storage {redact_uri(self.root)}: cannot {what} ({type(exc).__name__}); check the "
                         "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.options key/secret) "
                         "and the bucket"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from cmflow.errors import CmflowError
 
     args = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter (db migrations) on stderr
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     debug = "--debug" in args or os.environ.get("CMFLOW_DEBUG") == "1"
     try:
         result = app(args=args, standalone_mode=False, prog_name="cmflow")

@@ -128,7 +128,7 @@ def run_pipeline(
         except BaseException:
             runtime.stop()
             raise
-    tracker = _pipeline_tracker(spec, record)
+    tracker = None
     digests: dict[str, str] = {}
     manifests: dict[str, str] = {}  # stage -> manifest JSON (with uri)
     running: dict[Any, tuple[str, float]] = {}  # ObjectRef -> (stage, start time)
@@ -139,6 +139,7 @@ def run_pipeline(
             listener(record, runtime.progress() if running else {})
 
     try:
+        tracker = _pipeline_tracker(spec, record)
         while True:
             launched = False
             for name in order:
@@ -155,6 +156,10 @@ def run_pipeline(
                 if any(u not in digests for u in upstream):
                     continue
                 srec.components = _components(spec, name, digests)
+                if name in forced or not stage.cache.enabled:
+                    # a forced recompute commits under its own key, so its fresh output is not dropped
+                    # in favour of an earlier manifest (artifacts are write-once)
+                    srec.components["nonce"] = f"{record.run_id}/{record.attempts}"
                 srec.cache_key = cache.cache_key(srec.components)
                 if name not in forced and stage.cache.enabled:
                     found = cache.lookup(storage, stage.kind, srec.cache_key)

@@ -79,7 +79,10 @@ def build_model(config: dict[str, Any]) -> EDMPrecond | CMPrecond:
 def load_state(data: bytes) -> dict[str, torch.Tensor]:
     """Tensors from safetensors bytes, or from a ``.pt`` state dict read with ``weights_only=True``."""
     if data[:8] and data[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
-        return st_load(data)
+        try:
+            return st_load(data)
+        except Exception as exc:  # noqa: BLE001 - SafetensorError is not importable as a class everywhere
+            raise ValueError(f"the weights file is truncated or not valid safetensors ({exc})") from None
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
