@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from cmflow.data.sources import read_sklearn_digits
+from cmflow.diffusion.ema import ema_update, ema_warmup_rate
 from cmflow.diffusion.losses import CDLoss, EDMLoss
 from cmflow.models.io import load_model, save_model
 from cmflow.models.precond import CMPrecond, EDMPrecond
@@ -157,6 +158,13 @@ def cd(args: argparse.Namespace, scorer: Scorer) -> None:
         loss_fn = CDLoss(args.num_scales, distance=args.distance)
     step = cd_step(loss_fn, teacher_net, data, cfg, mu=args.mu, ema_rate=args.ema)
     evals = sorted(int(s) for s in args.eval_at.split(",") if s) if args.eval_at else []
+    extra = {float(r): frozen_copy(student) for r in args.extra_emas.split(",") if r}
+
+    def update_extra(s: TrainState) -> bool:  # runs after every step; never stops the loop
+        for rate, model in extra.items():
+            ema_update(model, s.online, ema_warmup_rate(s.step - 1, rate))
+        return False
+
     started = time.time()
     for stop in [*evals, args.steps]:
         if stop <= state.step or stop > args.steps:
@@ -167,7 +175,7 @@ def cd(args: argparse.Namespace, scorer: Scorer) -> None:
             total_steps=stop,
             images_per_step=args.batch_size,
             log_every=100,
-            hooks=LoopHooks(on_log=_progress),
+            hooks=LoopHooks(on_log=_progress, should_stop=update_extra),
         )
         train_s = time.time() - started
         t0 = time.time()
@@ -179,6 +187,8 @@ def cd(args: argparse.Namespace, scorer: Scorer) -> None:
             "fid1_ema": round(_fid_cm(state.ema, scorer, args.num_samples, [80.0]), 3),
             "fid1_raw": round(_fid_cm(state.online, scorer, args.num_samples, [80.0]), 3),
         }
+        for rate, model in extra.items():
+            row[f"fid1_ema{rate}"] = round(_fid_cm(model, scorer, args.num_samples, [80.0]), 3)
         if stop == args.steps:
             for tau in (float(t) for t in args.taus.split(",")):
                 row[f"fid2_ema_{tau}"] = round(_fid_cm(state.ema, scorer, args.num_samples, [80.0, tau]), 3)
@@ -224,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mu", type=float, default=0.95)
     parser.add_argument("--num-scales", type=int, default=18)
     parser.add_argument("--distance", default="l2")
+    parser.add_argument("--extra-emas", default="")
     parser.add_argument("--taus", default="0.4,0.6,0.8,1.2")
     parser.add_argument("--model", default="")
     parser.add_argument("--sigmas", action="append")
