@@ -24,9 +24,9 @@ from cmflow.errors import SpecError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 SECRET_RE = re.compile(
-    r"(secret|password|passwd|token|credential|^key$|access_key|api_key|private_key|session_key)",
-    re.IGNORECASE,
+    r"(secret|password|passwd|token|credential|(^|[_.-])key$|access_key|api_key|private_key)", re.IGNORECASE
 )
+NOT_SECRET = {"cache_key", "reference_key"}  # digests, not credentials
 
 
 class _Model(BaseModel):
@@ -201,7 +201,7 @@ def redact(value: Any) -> Any:
     """Replace secret-looking values (keys named like secrets, passwords in URIs) by '***'."""
     if isinstance(value, Mapping):
         return {
-            k: ("***" if SECRET_RE.search(str(k)) and isinstance(v, str | bytes) else redact(v))
+            k: ("***" if _is_secret_name(str(k)) and isinstance(v, str | bytes) else redact(v))
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
@@ -209,6 +209,10 @@ def redact(value: Any) -> Any:
     if isinstance(value, str):
         return redact_uri(value)
     return value
+
+
+def _is_secret_name(name: str) -> bool:
+    return bool(SECRET_RE.search(name)) and name.rsplit(".", 1)[-1] not in NOT_SECRET
 
 
 def redact_uri(text: str) -> str:
