@@ -133,6 +133,7 @@ def _train_teacher(
     )
 
     device = torch.device(ctx.device)
+    torch.manual_seed(_seed(params.seed, ctx.seed))  # the initial weights (and Fourier frequencies)
     net = build_edm(
         params.preset, params.unet, info["channels"], info["resolution"], f"stages.{ctx.stage}.params"
     )

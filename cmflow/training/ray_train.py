@@ -151,7 +151,7 @@ def train_worker(config: dict[str, Any]) -> None:
     step_fn = run.make_step(forward)
     hooks = LoopHooks(
         on_log=lambda row: _on_log(job, rank, row, params["steps"]),
-        on_checkpoint=lambda state: _report(job, state, rank, final=False),
+        on_checkpoint=lambda state: _periodic_report(job, state, rank),
         should_stop=_budget(params.get("time_budget_s"), world),
         reduce_loss=_mean_over_workers(world),
     )
@@ -195,6 +195,12 @@ def _on_log(job: TrainJob, rank: int, row: dict[str, float], total: int) -> None
                 "message": f"loss {row['loss']:.4f}, {row['imgs_per_s']:.0f} img/s",
             },
         )
+
+
+def _periodic_report(job: TrainJob, state: Any, rank: int) -> None:
+    """A checkpoint every ``checkpoint_every`` steps, except at the last step (the final report follows)."""
+    if state.step < job.params["steps"]:
+        _report(job, state, rank, final=False)
 
 
 def _report(job: TrainJob, state: Any, rank: int, *, final: bool) -> None:
@@ -271,6 +277,7 @@ def build_run(job: TrainJob, device: Any, rank: int, world: int) -> _Run:
     if params["batch_size"] % world:
         raise InputError(f"batch_size {params['batch_size']} is not divisible by the {world} workers")
     images, labels, _info = read_dataset(job.data.read_bytes)
+    torch.manual_seed(job.seed)  # same initial weights on every rank and every rerun
     online = _initial_network(job, images).to(device)
     num_classes = online.backbone.config.num_classes
     if num_classes and labels is None:

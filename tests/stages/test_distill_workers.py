@@ -1,5 +1,5 @@
-"""distill on 2 Ray Train workers (CPU, gloo): the loss falls, and a killed worker is replaced and the run
-resumes from its last checkpoint."""
+"""distill on 2 Ray Train workers (CPU, gloo): the loss falls, a killed worker is replaced and the run
+resumes from its last checkpoint, and a rerun with the same cache key resumes from the final one."""
 
 from __future__ import annotations
 
@@ -71,3 +71,13 @@ def test_two_workers_loss_falls_and_a_killed_worker_resumes_from_a_checkpoint(
     losses = [row["loss"] for row in ctx.metrics]
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert (ctx.out_dir / "model.safetensors").exists() and (ctx.out_dir / "online.safetensors").exists()
+
+    # A rerun with the same cache key (a resumed pipeline) finds the Ray Train run in the work folder and
+    # continues from its last checkpoint: here the final one, so no step is repeated.
+    again = direct_ctx(storage, tmp_path, "distill", resources=Resources(cpus=1, workers=2))
+    again.cache_key = ctx.cache_key
+    rerun = distill(params.model_copy(update={"pid_dir": None}), inputs, again)
+    assert rerun["resumed_from_step"] == 600 and rerun["steps"] == 600
+    assert (again.out_dir / "model.safetensors").read_bytes() == (
+        ctx.out_dir / "model.safetensors"
+    ).read_bytes()
