@@ -288,12 +288,12 @@ def run_loop(
     return state
 
 
-def final_loss(state: TrainState) -> float:
-    """The loss of the last metrics row (NaN before the first row)."""
-    return float(state.metrics[-1]["loss"]) if state.metrics else float("nan")
+def final_loss(state: TrainState) -> float | None:
+    """The loss of the last metrics row (None before the first row: meta must stay valid JSON)."""
+    return float(state.metrics[-1]["loss"]) if state.metrics else None
 
 
-def mean_imgs_per_s(state: TrainState) -> float:
-    """Mean throughput over the rows logged so far (NaN before the first row)."""
+def mean_imgs_per_s(state: TrainState) -> float | None:
+    """Mean throughput over the rows logged so far (None before the first row)."""
     rows = [r["imgs_per_s"] for r in state.metrics]
-    return float(sum(rows) / len(rows)) if rows else float("nan")
+    return float(sum(rows) / len(rows)) if rows else None
