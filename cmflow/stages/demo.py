@@ -26,11 +26,30 @@ class ArraysParams(ParamsModel):
     transient_failures_marker: str | None = Field(
         None, description="Local path: the first attempt creates it and fails transiently (tests of retry)."
     )
+    rendezvous_dir: str | None = Field(
+        None,
+        description="Local folder: announce this stage there and wait for rendezvous_peers (tests of concurrency).",
+    )
+    rendezvous_peers: int = Field(2, ge=1, le=64)
 
 
 class ReduceParams(ParamsModel):
     scale: float = 1.0
     sleep_s: float = Field(0.0, ge=0, le=3600)
+
+
+def _rendezvous(folder: str, name: str, peers: int, timeout_s: float = 60.0) -> None:
+    """Announce ``name`` in ``folder`` and wait until ``peers`` stages are there: only concurrent stages meet."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), "w") as handle:
+        handle.write("here")
+    deadline = time.monotonic() + timeout_s
+    while len(os.listdir(folder)) < peers:
+        if time.monotonic() > deadline:
+            raise StageError(
+                f"stage {name!r} met {len(os.listdir(folder))} of {peers} peers in {timeout_s:.0f} s"
+            )
+        time.sleep(0.05)
 
 
 def _save(ctx: StageContext, name: str, values: Any) -> None:
@@ -47,7 +66,12 @@ def _load(artifact: Artifact, name: str) -> Any:
     return np.load(io.BytesIO(artifact.read_bytes(name)), allow_pickle=False)
 
 
-@stage("demo.arrays", params=ArraysParams, version="1", cache_ignore=("sleep_s", "transient_failures_marker"))
+@stage(
+    "demo.arrays",
+    params=ArraysParams,
+    version="1",
+    cache_ignore=("sleep_s", "transient_failures_marker", "rendezvous_dir", "rendezvous_peers"),
+)
 def arrays(params: ArraysParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
     """Write ``values.npy``: ``n`` float64 values from ``default_rng(seed)``.
 
@@ -61,6 +85,8 @@ def arrays(params: ArraysParams, inputs: dict[str, Artifact], ctx: StageContext)
         with open(marker, "w") as handle:
             handle.write(ctx.run_id)
         raise TransientError("demo transient failure (the marker now exists, so a retry succeeds)")
+    if params.rendezvous_dir:
+        _rendezvous(params.rendezvous_dir, ctx.stage, params.rendezvous_peers)
     if params.fail:
         raise StageError(
             f"stage {ctx.stage!r} was told to fail (params.fail=true); set it to false and resume"

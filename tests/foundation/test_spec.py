@@ -43,6 +43,8 @@ def test_valid_spec_fills_defaults_and_resolves_root(tmp_path: Path, monkeypatch
         "sleep_s": 0.0,
         "fail": False,
         "transient_failures_marker": None,
+        "rendezvous_dir": None,
+        "rendezvous_peers": 2,
     }
     assert spec.storage.root == str(tmp_path / "store")
     assert spec.topological_order() == ["a", "b", "total"]
