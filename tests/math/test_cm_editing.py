@@ -18,15 +18,6 @@ from cmflow.diffusion import (
 )
 from cmflow.diffusion.editing import LUMA_WEIGHTS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 S, EPS = 0.5, 0.002
 SIGMAS = karras_sigmas(18).flip(0).tolist()  # t_1 = 80 > ... > t_N = eps
 

@@ -13,14 +13,6 @@ from cmflow.models import CMPrecond, EDMPrecond, make_unet
 S, EPS = 0.5, 0.002
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gaussian_denoiser(x, sigma, class_labels=None):
     return x * S**2 / (S**2 + sigma**2)
 

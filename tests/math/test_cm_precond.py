@@ -9,14 +9,6 @@ from torch import nn
 from cmflow.models import CMPrecond, EDMPrecond, cm_scalings, edm_scalings, make_unet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _random_unet(seed: int = 0, **kw) -> nn.Module:
     """A tiny UNet with every parameter perturbed, so the zero-initialised output layer is not zero."""
     torch.manual_seed(seed)

@@ -18,14 +18,6 @@ from cmflow.diffusion.rng import rand, randint, randn
 from cmflow.models import make_unet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_stacked_generator_rows_depend_only_on_their_seed():
     a = StackedRandomGenerator("cpu", [3, 4, 5]).randn([3, 2, 4])
     b = StackedRandomGenerator("cpu", [5, 4]).randn([2, 2, 4])

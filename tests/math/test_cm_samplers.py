@@ -22,14 +22,6 @@ S = 0.5  # data std: x0 ~ N(0, S^2 I)
 EPS, T = 0.002, 80.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gaussian_denoiser(x, sigma, class_labels=None):
     """Ideal denoiser for N(0, S^2 I) data: E[x0 | x] = x S^2 / (S^2 + sigma^2)."""
     return x * S**2 / (S**2 + sigma**2)

@@ -17,15 +17,6 @@ from cmflow.diffusion import (
     sample_uniform_indices,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # Reference doc Sec. 2.1, N = 18, printed in descending order.
 KARRAS_18 = [80, 57.586, 40.786, 28.375, 19.353, 12.910, 8.401, 5.315, 3.257, 1.923, 1.088, 0.585,
              0.296, 0.140, 0.060, 0.023, 0.0075, 0.002]  # fmt: skip

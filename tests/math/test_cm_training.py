@@ -22,7 +22,6 @@ where c_out is small and gradients are weak, converges much more slowly (errors 
 
 import math
 
-import pytest
 import torch
 from torch import nn
 
@@ -30,14 +29,6 @@ from cmflow.diffusion import CDLoss, CTLoss, ICTLoss, ct_num_steps, heun_step, i
 from cmflow.models import CMPrecond
 
 S, EPS = 0.5, 0.002
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def gaussian_denoiser(x, sigma, class_labels=None):

@@ -8,14 +8,6 @@ import torch
 from cmflow.models import UNET_PRESETS, UNet, UNetConfig, make_unet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _perturb(net: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     with torch.no_grad():
