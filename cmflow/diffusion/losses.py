@@ -5,8 +5,7 @@ returns the **unreduced, weighted, per-sample** loss of shape (B,). Reduction, l
 EMA updates belong to the training loop.
 
 * :class:`EDMLoss` -- the teacher's denoising loss (EDM Eq. (2), Table 1).
-* :class:`CDLoss` -- consistency distillation, CM Eq. (7)/(8), Algorithm 2 (a Heun teacher step, optionally
-  split into sub-steps on the refined Karras grid).
+* :class:`CDLoss` -- consistency distillation, CM Eq. (7)/(8), Algorithm 2 (one Heun teacher step).
 * :class:`CTLoss` -- consistency training, CM Eq. (10), Algorithm 3 (Euler step with the clean sample).
 * :class:`ICTLoss` -- improved CT (iCT): target = stop-grad(student) (mu = 0), pseudo-Huber metric,
   discretised lognormal noise levels, lambda = 1 / (t_{n+1} - t_n).
@@ -178,17 +177,10 @@ class _ConsistencyLoss:
 class CDLoss(_ConsistencyLoss):
     """Consistency distillation loss L_CD^N (CM Eq. (7)/(8), Algorithm 2).
 
-    n ~ U{0..N-2}; x_{t_{n+1}} = x + t_{n+1} z; x^_{t_n} = Phi(x_{t_{n+1}}, t_{n+1} -> t_n; teacher), the
-    teacher's ODE solver (no grad); loss = lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta-(x^_{t_n},
-    t_n)), f_theta- under no grad. ``teacher`` is a denoiser D(x; sigma) in eval mode; ``target`` is the EMA
-    network theta- (pass the student itself for mu = 0, the CIFAR-10 setting).
-
-    ``teacher_substeps`` = k: Phi is k Heun steps instead of one (2k NFE), through the levels
-    (t_n^(1/rho) + (j/k)(t_{n+1}^(1/rho) - t_n^(1/rho)))^rho, j = k..0. Those are exactly the points of the
-    (k(N-1)+1)-point Karras grid between t_n and t_{n+1}, so the student learns the consistency function of
-    the teacher's ODE solved on that finer grid (the fixed point of Eq. (7) moves toward the exact ODE's, CM
-    Thm. 1: the error bound is O((Delta t)^p) in the solver's step), while the pairs it is trained on stay N
-    apart, which is what makes a small N learn fast. k = 1 is Algorithm 2 as printed.
+    n ~ U{0..N-2}; x_{t_{n+1}} = x + t_{n+1} z; x^_{t_n} = one Heun step of the teacher from t_{n+1} to
+    t_n (no grad); loss = lambda(t_n) d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta-(x^_{t_n}, t_n)), f_theta-
+    under no grad. ``teacher`` is a denoiser D(x; sigma) in eval mode; ``target`` is the EMA network theta-
+    (pass the student itself for mu = 0, the CIFAR-10 setting).
     """
 
     def __init__(
@@ -201,22 +193,8 @@ class CDLoss(_ConsistencyLoss):
         weighting: Weighting = "uniform",
         lpips: nn.Module | None = None,
         huber_c: float | None = None,
-        teacher_substeps: int = 1,
     ) -> None:
         super().__init__(num_scales, sigma_min, sigma_max, rho, distance, weighting, lpips, huber_c)
-        if teacher_substeps < 1:
-            raise ValueError(f"teacher_substeps must be >= 1, got {teacher_substeps}")
-        self.teacher_substeps = teacher_substeps
-
-    def teacher_solve(self, teacher: Net, x: Tensor, t_hi: Tensor, t_lo: Tensor, class_labels: Tensor | None) -> Tensor:
-        """Phi: ``teacher_substeps`` Heun steps from t_hi down to t_lo on the refined Karras grid (no grad)."""
-        k = self.teacher_substeps
-        lo, hi = t_lo ** (1 / self.rho), t_hi ** (1 / self.rho)
-        levels = [t_hi, *((lo + (j / k) * (hi - lo)) ** self.rho for j in range(k - 1, 0, -1)), t_lo]
-        with torch.no_grad():
-            for t, t_next in zip(levels[:-1], levels[1:], strict=True):
-                x = heun_step(teacher, x, t, t_next, class_labels)
-        return x
 
     def __call__(
         self,
@@ -232,7 +210,8 @@ class CDLoss(_ConsistencyLoss):
         idx = self.sample_indices(images.shape[0], sigmas, generator)  # (B,)
         t_hi, t_lo = _sigma_col(sigmas, idx + 1, images), _sigma_col(sigmas, idx, images)  # (B, 1, 1, 1)
         x_hi = images + t_hi * randn_like(images, generator)
-        x_lo = self.teacher_solve(teacher, x_hi, t_hi, t_lo, class_labels)
+        with torch.no_grad():
+            x_lo = heun_step(teacher, x_hi, t_hi, t_lo, class_labels)
         return self.weight(sigmas, idx, images) * self.pair_loss(
             student, target, x_hi, t_hi, x_lo, t_lo, class_labels
         )

@@ -145,24 +145,14 @@ def cd_step(
     mu: float,
     ema_rate: float,
     forward: nn.Module | None = None,
-    num_scales: Callable[[int], int] | None = None,
 ) -> StepFn:
-    """One CD step (CM Alg. 2): loss against the target theta-, then theta- <- mu theta- + (1 - mu) theta.
-
-    ``num_scales(k)`` gives N at step k (a grid curriculum); without it the loss's own N is used.
-    """
+    """One CD step (CM Alg. 2): loss against the target theta-, then theta- <- mu theta- + (1 - mu) theta."""
 
     def step(state: TrainState, k: int) -> float:
         assert state.target is not None
         x, labels, generator = data.batch(k)
         loss = loss_fn(
-            forward or state.online,
-            state.target,
-            teacher,
-            x,
-            class_labels=labels,
-            generator=generator,
-            num_scales=num_scales(k) if num_scales else None,
+            forward or state.online, state.target, teacher, x, class_labels=labels, generator=generator
         ).mean()
         value = _optimise(state, cfg, k, loss)
         ema_update(state.target, state.online, mu)

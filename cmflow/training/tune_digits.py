@@ -153,27 +153,16 @@ def cd(args: argparse.Namespace, scorer: Scorer) -> None:
             torch.from_numpy(digits.images), torch.from_numpy(digits.labels), 10, seed=args.seed + 17
         )
         _emit(kind="feature-net", train_accuracy=round(accuracy, 4))
-        loss_fn = feature_pair_loss(CDLoss(args.num_scales, teacher_substeps=args.substeps), net)
+        loss_fn = feature_pair_loss(CDLoss(args.num_scales), net)
     else:
-        loss_fn = CDLoss(args.num_scales, distance=args.distance, teacher_substeps=args.substeps)
-    refine = sorted(int(s) for s in args.refine_at.split(",") if s)
-
-    def num_scales(k: int) -> int:  # N -> 2N - 1 (the grid refined, old points kept) at each refine step
-        n = args.num_scales
-        for at in refine:
-            n = 2 * n - 1 if k >= at else n
-        return n
-
-    step = cd_step(loss_fn, teacher_net, data, cfg, mu=args.mu, ema_rate=args.ema, num_scales=num_scales)
+        loss_fn = CDLoss(args.num_scales, distance=args.distance)
+    step = cd_step(loss_fn, teacher_net, data, cfg, mu=args.mu, ema_rate=args.ema)
     evals = sorted(int(s) for s in args.eval_at.split(",") if s) if args.eval_at else []
     extra = {float(r): frozen_copy(student) for r in args.extra_emas.split(",") if r}
-    power = {float(g): frozen_copy(student) for g in args.power_emas.split(",") if g}
 
     def update_extra(s: TrainState) -> bool:  # runs after every step; never stops the loop
         for rate, model in extra.items():
             ema_update(model, s.online, ema_warmup_rate(s.step - 1, rate))
-        for gamma, model in power.items():  # EDM2 power EMA: beta_t = (1 - 1/t)^(gamma + 1)
-            ema_update(model, s.online, (1 - 1 / s.step) ** (gamma + 1))
         return False
 
     started = time.time()
@@ -200,10 +189,6 @@ def cd(args: argparse.Namespace, scorer: Scorer) -> None:
         }
         for rate, model in extra.items():
             row[f"fid1_ema{rate}"] = round(_fid_cm(model, scorer, args.num_samples, [80.0]), 3)
-        for gamma, model in power.items():
-            row[f"fid1_pow{gamma}"] = round(_fid_cm(model, scorer, args.num_samples, [80.0]), 3)
-            if stop == args.steps:
-                row[f"fid2_pow{gamma}_0.8"] = round(_fid_cm(model, scorer, args.num_samples, [80.0, 0.8]), 3)
         if stop == args.steps:
             for tau in (float(t) for t in args.taus.split(",")):
                 row[f"fid2_ema_{tau}"] = round(_fid_cm(state.ema, scorer, args.num_samples, [80.0, tau]), 3)
@@ -248,11 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", default="")
     parser.add_argument("--mu", type=float, default=0.95)
     parser.add_argument("--num-scales", type=int, default=18)
-    parser.add_argument("--substeps", type=int, default=1)
-    parser.add_argument("--refine-at", default="")
     parser.add_argument("--distance", default="l2")
     parser.add_argument("--extra-emas", default="")
-    parser.add_argument("--power-emas", default="")
     parser.add_argument("--taus", default="0.4,0.6,0.8,1.2")
     parser.add_argument("--model", default="")
     parser.add_argument("--sigmas", action="append")
