@@ -145,33 +145,7 @@ def cd(args: argparse.Namespace, scorer: Scorer) -> None:
         student, frozen_copy(student), make_optimizer(student.parameters(), cfg), target=frozen_copy(student)
     )
     data = DataSampler(_images(), None, args.batch_size, seed=args.seed)
-    if args.distance == "feature+l2":
-        from cmflow.diffusion.rng import call_with_shared_rng
-        from cmflow.training.perceptual import train_classifier_features
-
-        digits = read_sklearn_digits()
-        net, accuracy = train_classifier_features(
-            torch.from_numpy(digits.images), torch.from_numpy(digits.labels), 10, seed=args.seed + 17,
-            steps=args.feature_steps,
-        )
-        _emit(kind="feature-net", train_accuracy=round(accuracy, 4))
-        loss_fn = CDLoss(args.num_scales)
-
-        def pair_loss(student, target, x_hi, t_hi, x_lo, t_lo, class_labels):  # noqa: ANN001, ANN202
-            def online():  # noqa: ANN202
-                return student(x_hi, t_hi, class_labels=class_labels)
-
-            def offline():  # noqa: ANN202
-                with torch.no_grad():
-                    return target(x_lo, t_lo, class_labels=class_labels)
-
-            out, tgt = call_with_shared_rng(x_hi.device, online, offline)
-            tgt = tgt.detach()
-            l2 = (out - tgt).square().mean(dim=(1, 2, 3))
-            return l2 + args.feature_weight * net((out + 1) / 2, (tgt + 1) / 2)
-
-        loss_fn.pair_loss = pair_loss
-    elif args.distance == "feature":
+    if args.distance == "feature":
         from cmflow.training.perceptual import feature_pair_loss, train_classifier_features
 
         digits = read_sklearn_digits()
@@ -260,8 +234,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mu", type=float, default=0.95)
     parser.add_argument("--num-scales", type=int, default=18)
     parser.add_argument("--distance", default="l2")
-    parser.add_argument("--feature-steps", type=int, default=300)
-    parser.add_argument("--feature-weight", type=float, default=1.0)
     parser.add_argument("--extra-emas", default="")
     parser.add_argument("--taus", default="0.4,0.6,0.8,1.2")
     parser.add_argument("--model", default="")
