@@ -68,21 +68,34 @@ def s3_root(moto_endpoint: str) -> tuple[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def ray_session(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """One local Ray (2 CPUs) for the session; the engine reuses it instead of starting its own."""
+def _ray_temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The local Ray's temp dir; at the end of the session, whatever Ray this process is connected to goes."""
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        log_to_driver=False,
-        logging_level="WARNING",
-    )
-    yield
-    ray.shutdown()
+    yield str(tmp_path_factory.mktemp("ray"))
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture()
+def ray_session(moto_endpoint: str, _ray_temp_dir: str) -> None:
+    """A local Ray (2 CPUs) shared by the session; the engine reuses it instead of starting its own.
+
+    Started on first use and kept; started again if a test in between connected this process to another
+    cluster (tests/cluster does, and shuts its cluster down), so test order does not matter.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=_ray_temp_dir,
+            log_to_driver=False,
+            logging_level="WARNING",
+        )
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,8 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
                         "node_ip_address": "127.0.0.1", "include_dashboard": False},
     )
     gpu_node = cluster.add_node(num_cpus=1, resources={"fake_gpu": 1}, node_ip_address="127.0.0.1")
+    if ray.is_initialized():  # the session's local Ray (tests/conftest.py starts it again when next needed)
+        ray.shutdown()
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     yield {"address": cluster.address, "gpu_node": gpu_node.node_id, "head_node": cluster.head_node.node_id}
     ray.shutdown()
