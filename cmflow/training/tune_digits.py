@@ -155,8 +155,7 @@ def cd(args: argparse.Namespace, scorer: Scorer) -> None:
         _emit(kind="feature-net", train_accuracy=round(accuracy, 4))
         loss_fn = feature_pair_loss(CDLoss(args.num_scales), net)
     else:
-        loss_fn = CDLoss(args.num_scales, distance=args.distance, sigma_max=args.sigma_max)
-        student.sigma_max = args.sigma_max
+        loss_fn = CDLoss(args.num_scales, distance=args.distance)
     step = cd_step(loss_fn, teacher_net, data, cfg, mu=args.mu, ema_rate=args.ema)
     evals = sorted(int(s) for s in args.eval_at.split(",") if s) if args.eval_at else []
     extra = {float(r): frozen_copy(student) for r in args.extra_emas.split(",") if r}
@@ -185,14 +184,14 @@ def cd(args: argparse.Namespace, scorer: Scorer) -> None:
             "step": state.step,
             "train_s": round(train_s, 1),
             "loss": state.metrics[-1]["loss"],
-            "fid1_ema": round(_fid_cm(state.ema, scorer, args.num_samples, [args.sigma_max]), 3),
-            "fid1_raw": round(_fid_cm(state.online, scorer, args.num_samples, [args.sigma_max]), 3),
+            "fid1_ema": round(_fid_cm(state.ema, scorer, args.num_samples, [80.0]), 3),
+            "fid1_raw": round(_fid_cm(state.online, scorer, args.num_samples, [80.0]), 3),
         }
         for rate, model in extra.items():
-            row[f"fid1_ema{rate}"] = round(_fid_cm(model, scorer, args.num_samples, [args.sigma_max]), 3)
+            row[f"fid1_ema{rate}"] = round(_fid_cm(model, scorer, args.num_samples, [80.0]), 3)
         if stop == args.steps:
             for tau in (float(t) for t in args.taus.split(",")):
-                row[f"fid2_ema_{tau}"] = round(_fid_cm(state.ema, scorer, args.num_samples, [args.sigma_max, tau]), 3)
+                row[f"fid2_ema_{tau}"] = round(_fid_cm(state.ema, scorer, args.num_samples, [80.0, tau]), 3)
         row["eval_s"] = round(time.time() - t0, 1)
         _emit(**row)
         started += time.time() - t0
@@ -235,7 +234,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mu", type=float, default=0.95)
     parser.add_argument("--num-scales", type=int, default=18)
     parser.add_argument("--distance", default="l2")
-    parser.add_argument("--sigma-max", type=float, default=80.0)
     parser.add_argument("--extra-emas", default="")
     parser.add_argument("--taus", default="0.4,0.6,0.8,1.2")
     parser.add_argument("--model", default="")
