@@ -1,7 +1,8 @@
-"""``cmflow cache explain RUN STAGE``."""
+"""``cmflow cache explain RUN STAGE`` and ``cmflow cache gc``."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import typer
@@ -45,3 +46,52 @@ def explain(
         style = {"changed": "red", "same": "green"}.get(state, "dim")
         table.add_row(name, value, f"[{style}]{state}[/]")
     Console().print(table)
+
+
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+
+
+def parse_age(text: str) -> float:
+    """``"90"``, ``"90s"``, ``"30m"``, ``"1h"``, ``"2d"`` -> seconds; a one-line UsageError otherwise."""
+    from cmflow.errors import UsageError
+
+    match = _AGE.match(text.strip())
+    if not match:
+        raise UsageError(f"--min-age {text!r} is not an age; use seconds or a unit, e.g. 90s, 30m, 1h, 2d")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+@app.command("gc")
+def gc(
+    root: RootOpt = None,
+    min_age: Annotated[
+        str, typer.Option("--min-age", help="Keep manifest-less attempts younger than this (commits in flight).")
+    ] = "1h",
+    yes: Annotated[bool, typer.Option("--yes", help="Delete; without it, only list what would go.")] = False,
+) -> None:
+    """Remove what no committed manifest reaches: unreferenced attempts and work folders of committed keys."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cmflow.gc import collect, find_garbage
+    from cmflow.storage import Storage
+
+    min_age_s = parse_age(min_age)
+    storage = Storage(default_root(root))
+    garbage = find_garbage(storage, min_age_s=min_age_s)
+    console = Console()
+    if not garbage:
+        console.print(f"nothing to collect under {storage.uri()}")
+        return
+    table = Table(title=f"garbage under {storage.uri()}", title_justify="left")
+    for column in ("folder", "why", "MB"):
+        table.add_column(column)
+    for item in garbage:
+        table.add_row(item.key, item.reason, f"{item.size / 1e6:.2f}")
+    console.print(table)
+    total = sum(item.size for item in garbage) / 1e6
+    if not yes:
+        console.print(f"{len(garbage)} folders, {total:.2f} MB; dry run: pass --yes to delete them")
+        return
+    freed = collect(storage, garbage)
+    console.print(f"deleted {len(garbage)} folders, {freed / 1e6:.2f} MB freed")
