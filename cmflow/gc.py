@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Literal
 
-from cmflow.storage import MANIFEST, Storage
+from cmflow.storage import Storage
 
 __all__ = ["Garbage", "collect", "find_garbage"]
+
+
+Reason = Literal["unreferenced attempt", "work of a committed key"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class Garbage:
     """One removable folder: its key under the root, why it is garbage, and its size in bytes."""
 
     key: str
-    reason: Literal["unreferenced attempt", "work of a committed key"]
+    reason: Reason
     size: int
 
 
@@ -41,11 +44,12 @@ def _attempt_time(name: str) -> datetime | None:
         return None
 
 
-def _size(storage: Storage, key: str) -> int:
+def _garbage(storage: Storage, key: str, reason: Reason) -> Garbage:
     try:
-        return int(storage.fs.du(storage.path(key), total=True))
+        size = int(storage.fs.du(storage.path(key), total=True))
     except FileNotFoundError:
-        return 0
+        size = 0
+    return Garbage(key, reason, size)
 
 
 def find_garbage(storage: Storage, *, min_age_s: float = 3600.0, now: datetime | None = None) -> list[Garbage]:
@@ -58,7 +62,7 @@ def find_garbage(storage: Storage, *, min_age_s: float = 3600.0, now: datetime |
             for key in storage.list(f"artifacts/{kind}/{shard}"):
                 prefix = f"artifacts/{kind}/{shard}/{key}"
                 try:
-                    manifest = storage.load_manifest(kind, key) if MANIFEST in storage.list(prefix) else None
+                    manifest = storage.load_manifest(kind, key)
                 except ValueError:
                     continue  # unparsable: the next run quarantines it; keep everything until then
                 if manifest is not None:
@@ -69,12 +73,12 @@ def find_garbage(storage: Storage, *, min_age_s: float = 3600.0, now: datetime |
                     started = _attempt_time(attempt)
                     if manifest is None and (started is None or (now - started).total_seconds() < min_age_s):
                         continue  # possibly a commit in progress
-                    found.append(Garbage(f"{prefix}/attempts/{attempt}", "unreferenced attempt", 0))
+                    found.append(_garbage(storage, f"{prefix}/attempts/{attempt}", "unreferenced attempt"))
     for kind in storage.list("work"):
         for key in storage.list(f"work/{kind}"):
             if (kind, key) in committed:
-                found.append(Garbage(f"work/{kind}/{key}", "work of a committed key", 0))
-    return [Garbage(g.key, g.reason, _size(storage, g.key)) for g in found]
+                found.append(_garbage(storage, f"work/{kind}/{key}", "work of a committed key"))
+    return found
 
 
 def collect(storage: Storage, garbage: list[Garbage]) -> int:

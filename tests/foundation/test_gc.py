@@ -17,14 +17,6 @@ OLD = (datetime.now(timezone.utc) - timedelta(days=2)).strftime("%Y%m%dT%H%M%S")
 NEW = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
 
 
-@pytest.fixture(params=["local", "s3"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
-    if request.param == "local":
-        return Storage(str(tmp_path / "root"))
-    root, options = request.getfixturevalue("s3_root")
-    return Storage(root, options)
-
-
 def output(tmp_path: Path, name: str, size: int) -> Path:
     out = tmp_path / name
     out.mkdir()

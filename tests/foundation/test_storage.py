@@ -13,14 +13,6 @@ from cmflow.errors import InputError, StorageError, TransientError
 from cmflow.storage import Manifest, Storage, check_relpath
 
 
-@pytest.fixture(params=["local", "s3"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
-    if request.param == "local":
-        return Storage(str(tmp_path / "root"))
-    root, options = request.getfixturevalue("s3_root")
-    return Storage(root, options)
-
-
 def make_output(tmp_path: Path, name: str, payload: bytes) -> Path:
     out = tmp_path / name
     (out / "sub").mkdir(parents=True)
