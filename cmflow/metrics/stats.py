@@ -5,6 +5,9 @@ Everything here is pure numpy/scipy (torch tensors are accepted as input and con
 - FID: Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
   Equilibrium". FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
 - KID: Binkowski et al. 2018, "Demystifying MMD GANs". Unbiased MMD^2 with the cubic polynomial kernel.
+- FID_inf: Chong & Forsyth 2020, "Effectively Unbiased FID and Inception Score and where to find them".
+  The plug-in FID of N samples is biased upwards by about k / N; fitting FID_N against 1/N and taking the
+  intercept removes that bias, which differs between models and so also moves their ratios.
 - Precision/recall: Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for Assessing
   Generative Models". k-NN hyperspheres around each sample approximate the two manifolds.
 """
@@ -21,6 +24,7 @@ __all__ = [
     "as_float64",
     "fid_from_stats",
     "fid_from_stats_sqrtm",
+    "fid_infinity",
     "kid",
     "precision_recall",
 ]
@@ -231,6 +235,43 @@ def fid_from_stats_sqrtm(
             raise ValueError(f"sqrtm has a large imaginary component ({max_imag:.3g} > {imag_tol})")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def fid_infinity(
+    features: Any, mu_ref: Any, sigma_ref: Any, *, num_sizes: int = 4, min_block: int | None = None
+) -> tuple[float, float] | None:
+    """FID extrapolated to infinitely many generated samples: ``(fid_inf, k)`` with FID_N ~ fid_inf + k / N.
+
+    Chong & Forsyth (2020) fit FID_N over sample counts N and report the intercept at 1/N = 0. Here the N
+    rows of ``features`` are cut into disjoint blocks of N / 2^j rows, j = 0 .. num_sizes - 1 (the mean FID
+    over the 2^j blocks of a size is that size's point, so every row is used at every size), and a least-
+    squares line in 1/N through the points gives the intercept and the slope k. Only the generated side is
+    extrapolated: the reference moments stay what they are (their own finite-sample bias is the same for
+    every model compared against them). Sizes below ``min_block`` rows (default 2 D) are skipped, since
+    covariances of fewer rows than about twice the dimension leave the 1/N regime; ``None`` when fewer than
+    three sizes remain.
+    """
+    x = as_float64(features)
+    if x.ndim != 2:
+        raise ValueError(f"features must have shape (N, D), got {x.shape}")
+    n, d = x.shape
+    min_block = 2 * d if min_block is None else min_block
+    inv_sizes, fids = [], []
+    for j in range(num_sizes):
+        blocks = 2**j
+        size = n // blocks
+        if size < max(min_block, 2):
+            break
+        values = [
+            fid_from_stats(part.mean(axis=0), np.cov(part, rowvar=False), mu_ref, sigma_ref)
+            for part in (x[b * size : (b + 1) * size] for b in range(blocks))
+        ]
+        inv_sizes.append(1.0 / size)
+        fids.append(float(np.mean(values)))
+    if len(fids) < 3:
+        return None
+    slope, intercept = np.polyfit(np.asarray(inv_sizes), np.asarray(fids), 1)
+    return float(intercept), float(slope)
 
 
 # -- KID -----------------------------------------------------------------------------------------------------

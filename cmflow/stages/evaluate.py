@@ -7,7 +7,10 @@ uint8 exactly as a saved PNG would be ((x + 1) 127.5, rounded, clamped), embedde
 and compared with the reference statistics of *all* real images of the dataset (cached in the store once per
 dataset, extractor weights and resolution: :mod:`cmflow.metrics.refstats`). FID over few samples is biased
 and moves between seeds by as much as the gaps being measured, so the stage reports the median and the
-spread (min, max, std) over ``seeds``.
+spread (min, max, std) over ``seeds``. The bias (about k / N for N samples, with k differing between models)
+also pulls ratios of FIDs towards 1, so every setting also gets ``fid_inf``, the FID extrapolated to
+infinitely many samples from sub-blocks of the same features (:func:`cmflow.metrics.stats.fid_infinity`),
+and the report the ratios of those (``ratios_inf``).
 
 Outputs: ``report.json`` (everything), ``fid_vs_nfe.png``, ``grid-teacher.png`` (when a teacher is wired),
 ``grid-cm-1step.png``, ``grid-cm-2step.png``. The meta holds the flat numbers promotion gates read.
@@ -32,6 +35,7 @@ REPORT_FORMAT = 1
 SEARCH_SEED_OFFSET = 2_000_000_000
 SETTING_TEACHER, SETTING_1STEP, SETTING_2STEP = "teacher", "cm-1step", "cm-2step"
 TEACHER_RESULTS_KIND = "fid_teacher"
+METRICS = ("fid", "fid_inf", "kid", "precision", "recall")  # per seed, each summarised over the seeds
 
 
 class EvaluateParams(ParamsModel):
@@ -332,7 +336,7 @@ def _measure(
     import numpy as np
 
     from cmflow.metrics.extractors import compute_stats
-    from cmflow.metrics.stats import fid_from_stats, kid, precision_recall
+    from cmflow.metrics.stats import fid_from_stats, fid_infinity, kid, precision_recall
 
     want = params.grid_size**2
     grid: list[Any] = []
@@ -354,10 +358,12 @@ def _measure(
     precision, recall = (
         precision_recall(real[:m], fake[:m], k=params.pr_k) if m > params.pr_k else (None, None)
     )
+    extrapolated = fid_infinity(fake, reference.stats.mu, reference.stats.sigma)
     row = {
         "seed": seed,
         "num_samples": int(stats.n),
         "fid": fid_from_stats(mu, sigma, reference.stats.mu, reference.stats.sigma),
+        "fid_inf": extrapolated[0] if extrapolated else None,
         "kid": kid_mean,
         "kid_std": kid_std,
         "precision": precision,
@@ -460,7 +466,7 @@ def _run_setting(
                 cache.put(seed, *found)
         per_seed.append(found[0])
         grids.append(found[1])
-    summary = {m: _spread([row[m] for row in per_seed]) for m in ("fid", "kid", "precision", "recall")}
+    summary = {m: _spread([row.get(m) for row in per_seed]) for m in METRICS}
     entry = {
         "nfe": setting.nfe,
         **setting.info,
@@ -748,8 +754,8 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageCont
         save_grid(grid, ctx.out_dir / f"grid-{setting.name}.png", cols=params.grid_size)
         timing[setting.name] = time.perf_counter() - clock
 
-    fid, kid, precision, recall = (_medians(results, m) for m in ("fid", "kid", "precision", "recall"))
-    ratios = _ratios(fid)
+    fid, fid_inf, kid, precision, recall = (_medians(results, m) for m in METRICS)
+    ratios, ratios_inf = _ratios(fid), _ratios(fid_inf)
     _plot(
         results,
         ctx.out_dir / "fid_vs_nfe.png",
@@ -780,6 +786,8 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageCont
         "settings": results,
         "fid": fid,
         "ratios": ratios,
+        "fid_inf": fid_inf,
+        "ratios_inf": ratios_inf,
         "kid": {"subsets": params.kid_subsets, "subset_size": params.kid_subset_size},
         "precision_recall": {"k": params.pr_k, "max_samples": params.pr_max_samples},
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
@@ -791,6 +799,8 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageCont
         "fid_teacher": fid.get(SETTING_TEACHER),
         "ratio_1step": ratios["1step"],
         "ratio_2step": ratios["2step"],
+        "ratio_1step_inf": ratios_inf["1step"],
+        "ratio_2step_inf": ratios_inf["2step"],
         "nfe_teacher": teacher.nfe if teacher else None,
         "midpoint_sigma": tau,
         "kid_1step": kid[SETTING_1STEP],

@@ -25,6 +25,8 @@ META_KEYS = {
     "fid_teacher",
     "ratio_1step",
     "ratio_2step",
+    "ratio_1step_inf",
+    "ratio_2step_inf",
     "nfe_teacher",
     "midpoint_sigma",
     "kid_1step",
@@ -91,11 +93,12 @@ def test_report_pngs_and_batch_size_independence(
         assert [row["seed"] for row in setting["per_seed"]] == [0, 1]
         for row in setting["per_seed"]:
             assert row["num_samples"] == 48 and row["pr_samples"] == 48
-            assert set(row) >= {"fid", "kid", "kid_std", "precision", "recall"}
+            assert set(row) >= {"fid", "fid_inf", "kid", "kid_std", "precision", "recall"}
+            assert row["fid_inf"] is None  # 48 samples: too few sub-blocks of >= 2 x 64 rows to extrapolate
             assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
         fid = setting["summary"]["fid"]
         assert fid["min"] <= fid["median"] <= fid["max"] and fid["std"] >= 0
-        assert set(setting["summary"]) == {"fid", "kid", "precision", "recall"}
+        assert set(setting["summary"]) == {"fid", "fid_inf", "kid", "precision", "recall"}
     ref = report["reference"]
     assert ref["num_images"] == 1797 and ref["features_kept"] == 1797 and ref["cache_hit"] is False
     assert ref["dataset_digest"] == data.meta["digest"] and ref["key"].startswith("fid-ref-digits-8x8-")
@@ -134,6 +137,7 @@ def test_report_pngs_and_batch_size_independence(
         for row2, row in zip(
             report2["settings"][name]["per_seed"], report["settings"][name]["per_seed"], strict=True
         ):
+            assert row2.pop("fid_inf") is row.pop("fid_inf") is None
             assert row2 == pytest.approx(row, rel=1e-6)
     numbers = [k for k in META_KEYS if isinstance(meta[k], float)]
     assert {k: meta2[k] for k in numbers} == pytest.approx({k: meta[k] for k in numbers}, rel=1e-6)
@@ -260,6 +264,16 @@ def test_fid_of_held_out_real_images_is_far_below_noise(
     assert (
         real["fid_teacher"] < real["fid_1step"]
     )  # an untrained CM is far from the data, real images are not
+    # 780 held-out images: FID_inf (sub-blocks of 780, 390, 195 rows) removes the generated side's 1/N bias
+    meta, report = run(
+        {**params, "num_samples": 780, "seeds": [0]},
+        {"data": data, "model": model, "teacher_samples": samples_artifact("inf", held_out[:780])},
+        make_ctx(),
+    )
+    row = report["settings"]["teacher"]["per_seed"][0]
+    assert 0 < row["fid_inf"] < 0.75 * row["fid"]
+    assert report["fid_inf"]["teacher"] == row["fid_inf"]
+    assert meta["ratio_1step_inf"] == pytest.approx(report["fid_inf"]["cm-1step"] / row["fid_inf"])
     # fewer teacher samples than num_samples: a clean input error
     with pytest.raises(InputError, match="fewer than num_samples"):
         run(
