@@ -52,7 +52,9 @@ def _garbage(storage: Storage, key: str, reason: Reason) -> Garbage:
     return Garbage(key, reason, size)
 
 
-def find_garbage(storage: Storage, *, min_age_s: float = 3600.0, now: datetime | None = None) -> list[Garbage]:
+def find_garbage(
+    storage: Storage, *, min_age_s: float = 3600.0, now: datetime | None = None
+) -> list[Garbage]:
     """Every removable folder under ``storage`` (see the module docstring); reads only."""
     now = now or datetime.now(timezone.utc)
     found: list[Garbage] = []

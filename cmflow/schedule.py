@@ -94,7 +94,9 @@ class Schedule(_Model):
     max_catchup: int = Field(24, ge=1, le=1000, description="catchup=all: at most this many missed fires.")
     trigger: Trigger | None = None
     trigger_baseline: str | None = Field(None, description="Manifest digest at creation (does not fire).")
-    address: str | None = Field(None, description="Ray job server the runs are submitted to (http://HEAD:8265).")
+    address: str | None = Field(
+        None, description="Ray job server the runs are submitted to (http://HEAD:8265)."
+    )
     enabled: bool = True
     created_at: str = Field(description="ISO UTC time; cron fire times after it are due.")
 
@@ -318,9 +320,17 @@ def new_schedule(
         trigger = {"manifest_uri": trigger_manifest, "options": trigger_options or {}}
     schedule = _validate(
         {
-            "id": sid, "spec": spec, "cron": cron, "timezone": timezone_name, "catchup": catchup,
-            "concurrency": concurrency, "trigger": trigger, "address": address, "created_at": iso(now),
-            "starting_deadline_s": starting_deadline_s, "max_catchup": max_catchup,
+            "id": sid,
+            "spec": spec,
+            "cron": cron,
+            "timezone": timezone_name,
+            "catchup": catchup,
+            "concurrency": concurrency,
+            "trigger": trigger,
+            "address": address,
+            "created_at": iso(now),
+            "starting_deadline_s": starting_deadline_s,
+            "max_catchup": max_catchup,
         },
         "schedule",
     )
@@ -564,9 +574,16 @@ def _fire(
 ) -> Fire:
     fire_time = iso(candidate.fire_time) if candidate.fire_time else None
     marker: dict[str, Any] = {
-        "schedule_id": schedule.id, "run_id": candidate.run_id, "fire_time": fire_time,
-        "digest": candidate.digest, "status": "claimed", "reason": "", "attempts": 0,
-        "claimed_by": _claimer(), "claimed_at": _precise_now(), "tick_now": iso(now),
+        "schedule_id": schedule.id,
+        "run_id": candidate.run_id,
+        "fire_time": fire_time,
+        "digest": candidate.digest,
+        "status": "claimed",
+        "reason": "",
+        "attempts": 0,
+        "claimed_by": _claimer(),
+        "claimed_at": _precise_now(),
+        "tick_now": iso(now),
     }
     try:
         storage.write_json(candidate.marker, marker, create_only=True)
@@ -723,14 +740,25 @@ def kuberay_cronjob(
     container = {
         "image": image,
         "envFrom": [{"secretRef": {"name": "cmflow-s3"}}],  # cluster/kuberay/secrets.example.yaml
-        "env": [{"name": "MLFLOW_TRACKING_URI", "value": tracking_uri},
-                {"name": "RAY_TRAIN_V2_ENABLED", "value": "1"}],
+        "env": [
+            {"name": "MLFLOW_TRACKING_URI", "value": tracking_uri},
+            {"name": "RAY_TRAIN_V2_ENABLED", "value": "1"},
+        ],
     }
-    head = {**container, "name": "ray-head", "resources": {"limits": {"cpu": "4", "memory": "16Gi"}},
-            "ports": [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"}]}
-    worker = {**container, "name": "ray-worker",
-              "resources": {"limits": {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"},
-                            "requests": {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"}}}
+    head = {
+        **container,
+        "name": "ray-head",
+        "resources": {"limits": {"cpu": "4", "memory": "16Gi"}},
+        "ports": [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"}],
+    }
+    worker = {
+        **container,
+        "name": "ray-worker",
+        "resources": {
+            "limits": {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"},
+            "requests": {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"},
+        },
+    }
     spec: dict[str, Any] = {
         "schedule": schedule.cron,
         "timeZone": schedule.timezone,
@@ -741,15 +769,27 @@ def kuberay_cronjob(
             "ttlSecondsAfterFinished": 600,
             "rayClusterSpec": {
                 "rayVersion": "2.60.0",
-                "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0"},
-                                  "template": {"spec": {"containers": [head]}}},
-                "workerGroupSpecs": [{
-                    "groupName": "gpu", "replicas": gpu_workers, "minReplicas": gpu_workers,
-                    "maxReplicas": max(gpu_workers, 1), "rayStartParams": {},
-                    "template": {"spec": {"containers": [worker],
-                                          "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                                           "effect": "NoSchedule"}]}},
-                }],
+                "headGroupSpec": {
+                    "rayStartParams": {"dashboard-host": "0.0.0.0"},
+                    "template": {"spec": {"containers": [head]}},
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "gpu",
+                        "replicas": gpu_workers,
+                        "minReplicas": gpu_workers,
+                        "maxReplicas": max(gpu_workers, 1),
+                        "rayStartParams": {},
+                        "template": {
+                            "spec": {
+                                "containers": [worker],
+                                "tolerations": [
+                                    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+                                ],
+                            }
+                        },
+                    }
+                ],
             },
         },
     }
@@ -758,7 +798,10 @@ def kuberay_cronjob(
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayCronJob",
-        "metadata": {"name": f"cmflow-{schedule.id}", "namespace": namespace,
-                     "labels": {"app.kubernetes.io/part-of": "cmflow", "cmflow.io/schedule": schedule.id}},
+        "metadata": {
+            "name": f"cmflow-{schedule.id}",
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/part-of": "cmflow", "cmflow.io/schedule": schedule.id},
+        },
         "spec": spec,
     }

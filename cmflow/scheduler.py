@@ -68,8 +68,10 @@ class SchedulerLoop:
         with self._lock:
             try:
                 submitter = RayJobSubmitter(self.submit_address, resolve_token(), ship_code=self.ship_code)
-                fires = [asdict(f) for f in tick(datetime.now(timezone.utc), Storage(self.root, self.options),
-                                                 submitter)]
+                fires = [
+                    asdict(f)
+                    for f in tick(datetime.now(timezone.utc), Storage(self.root, self.options), submitter)
+                ]
                 self.last_error = ""
             except Exception as exc:  # noqa: BLE001 - the loop must survive anything
                 fires = []
@@ -83,10 +85,17 @@ class SchedulerLoop:
 
     def status(self) -> dict[str, Any]:
         return {
-            "root": self.root, "interval_s": self.interval_s, "submit_address": self.submit_address,
-            "started_at": self.started_at, "ticks": self.ticks, "fired": self.fired,
-            "last_tick_at": self.last_tick_at, "last_error": self.last_error, "recent": list(self.recent),
-            "host": socket.gethostname(), "pid": os.getpid(),
+            "root": self.root,
+            "interval_s": self.interval_s,
+            "submit_address": self.submit_address,
+            "started_at": self.started_at,
+            "ticks": self.ticks,
+            "fired": self.fired,
+            "last_tick_at": self.last_tick_at,
+            "last_error": self.last_error,
+            "recent": list(self.recent),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
         }
 
     def shutdown(self) -> None:
@@ -107,8 +116,13 @@ def _connect(address: str | None, runtime_env: dict[str, Any] | None = None) -> 
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        ray.init(address=address or "auto", namespace=NAMESPACE, runtime_env=runtime_env,
-                 logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(
+            address=address or "auto",
+            namespace=NAMESPACE,
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ClusterError(
             f"cannot reach the Ray cluster at {address or 'auto'}: {exc}; pass --address HEAD:6379 (the GCS "
@@ -144,15 +158,19 @@ def start(
         raise UsageError(f"--interval-s must be > 0, got {interval_s:g}")
     # Local directories (the cmflow package) can only be uploaded at the job level; the actor inherits it.
     _connect(address, build_runtime_env(None, ship_code=ship_code))
-    handle = _actor_class().options(
-        name=NAME,
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        max_restarts=-1,
-        max_task_retries=-1,
-        num_cpus=0,
-    ).remote(root, options or {}, interval_s, submit_address, ship_code)
+    handle = (
+        _actor_class()
+        .options(
+            name=NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            max_task_retries=-1,
+            num_cpus=0,
+        )
+        .remote(root, options or {}, interval_s, submit_address, ship_code)
+    )
     try:
         state = ray.get(handle.status.remote(), timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001

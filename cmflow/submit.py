@@ -47,12 +47,21 @@ from cmflow.spec import PipelineSpec, redact_uri
 from cmflow.storage import Storage
 
 FORWARD_ENV = (
-    "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_EXPERIMENT_NAME",
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_EXPERIMENT_NAME",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
 )
 CREDENTIAL_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
 )
 FIXED_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1"}
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
@@ -95,20 +104,26 @@ def resolve_address(address: str | None) -> str:
     return value.rstrip("/")
 
 
-def resolve_token(token_file: str | Path | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+def resolve_token(
+    token_file: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> str | None:
     """The Ray auth token: ``token_file``, ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``."""
     environ = os.environ if environ is None else environ
     if token_file is not None:
         path = Path(token_file).expanduser()
         if not path.is_file():
-            raise UsageError(f"token file {str(path)!r} does not exist; pass the file holding the Ray auth token")
+            raise UsageError(
+                f"token file {str(path)!r} does not exist; pass the file holding the Ray auth token"
+            )
         return path.read_text().strip() or None
     if environ.get("RAY_AUTH_TOKEN", "").strip():
         return environ["RAY_AUTH_TOKEN"].strip()
     if environ.get("RAY_AUTH_TOKEN_PATH"):
         path = Path(environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
         if not path.is_file():
-            raise UsageError(f"RAY_AUTH_TOKEN_PATH names {str(path)!r}, which does not exist; fix or unset it")
+            raise UsageError(
+                f"RAY_AUTH_TOKEN_PATH names {str(path)!r}, which does not exist; fix or unset it"
+            )
         return path.read_text().strip() or None
     default = Path(environ.get("HOME", str(Path.home()))) / ".ray" / "auth_token"
     return (default.read_text().strip() or None) if default.is_file() else None
@@ -184,9 +199,7 @@ def build_runtime_env(
 
 def entrypoint_command(run_id: str, python: str = "python") -> str:
     """The shell command the job runs: the same pipeline driver as ``cmflow run``."""
-    return (
-        f"{shlex.quote(python)} -m cmflow.cli.main run {SPEC_FILE} --run-id {shlex.quote(run_id)} --address auto"
-    )
+    return f"{shlex.quote(python)} -m cmflow.cli.main run {SPEC_FILE} --run-id {shlex.quote(run_id)} --address auto"
 
 
 def parse_env(items: list[str] | None) -> dict[str, str]:
@@ -211,7 +224,9 @@ def check_root_reachable(spec: PipelineSpec, address: str, *, allow_local_root: 
             "root (--set storage.root=s3://bucket/cmflow) or pass --allow-local-root for a shared filesystem"
         )
     if root.startswith("memory://"):
-        raise UsageError("storage.root memory:// lives in one process; use an s3:// root to submit to a cluster")
+        raise UsageError(
+            "storage.root memory:// lives in one process; use an s3:// root to submit to a cluster"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,9 +348,17 @@ def submit_spec(
     client = job_client(target)
     entrypoint = entrypoint_command(run_id, python)
     sub = Submission(
-        run_id=run_id, address=target.address, pipeline=spec.name, spec=spec.redacted(), entrypoint=entrypoint,
-        metadata={"cmflow_run_id": run_id, "cmflow_pipeline": spec.name, "cmflow_root": redact_uri(storage.uri()),
-                  **dict(metadata or {})},
+        run_id=run_id,
+        address=target.address,
+        pipeline=spec.name,
+        spec=spec.redacted(),
+        entrypoint=entrypoint,
+        metadata={
+            "cmflow_run_id": run_id,
+            "cmflow_pipeline": spec.name,
+            "cmflow_root": redact_uri(storage.uri()),
+            **dict(metadata or {}),
+        },
     )
     try:
         sub.save(storage, create_only=True)  # claims the run id before anything reaches the cluster
@@ -348,10 +371,19 @@ def submit_spec(
         ) from None
     try:
         _submit_job(
-            client, target, spec_data=spec.model_dump(mode="json"), submission_id=run_id, entrypoint=entrypoint,
-            runtime_options={"ship_code": ship_code, "environ": environ, "forward_credentials": forward_credentials,
-                             "extra_env": extra_env},
-            metadata=sub.metadata, entrypoint_num_cpus=entrypoint_num_cpus,
+            client,
+            target,
+            spec_data=spec.model_dump(mode="json"),
+            submission_id=run_id,
+            entrypoint=entrypoint,
+            runtime_options={
+                "ship_code": ship_code,
+                "environ": environ,
+                "forward_credentials": forward_credentials,
+                "extra_env": extra_env,
+            },
+            metadata=sub.metadata,
+            entrypoint_num_cpus=entrypoint_num_cpus,
         )
     except DuplicateSubmission:
         if not _adopt_existing(client, sub, storage):
@@ -373,7 +405,9 @@ def _adopt_existing(client: Any, sub: Submission, storage: Storage) -> bool:
     except Exception:  # noqa: BLE001
         return False
     metadata = info.metadata or {}
-    if any(metadata.get(k) != sub.metadata.get(k) for k in ("cmflow_run_id", "cmflow_pipeline", "cmflow_root")):
+    if any(
+        metadata.get(k) != sub.metadata.get(k) for k in ("cmflow_run_id", "cmflow_pipeline", "cmflow_root")
+    ):
         return False
     sub.submissions.append({"id": sub.run_id, "at": utcnow()})
     sub.state = "submitted"
@@ -398,15 +432,21 @@ def resubmit(
     target = ClusterTarget(sub.address, token)
     status = job_status(sub, target)
     if status in {"PENDING", "RUNNING"}:
-        raise UsageError(f"run {run_id} is still {status} on {sub.address}; stop it first with `cmflow stop {run_id}`")
+        raise UsageError(
+            f"run {run_id} is still {status} on {sub.address}; stop it first with `cmflow stop {run_id}`"
+        )
     spec = validate_spec(apply_overrides(sub.spec, overrides or []), source=f"run {run_id}")
     submission_id = f"{run_id}-r{len(sub.submissions)}"
     client = job_client(target)
     _submit_job(
-        client, target, spec_data=spec.model_dump(mode="json"), submission_id=submission_id,
+        client,
+        target,
+        spec_data=spec.model_dump(mode="json"),
+        submission_id=submission_id,
         entrypoint=entrypoint_command(run_id, python),
         runtime_options={"ship_code": ship_code, "forward_credentials": forward_credentials},
-        metadata={**sub.metadata, "cmflow_resubmission": submission_id}, entrypoint_num_cpus=None,
+        metadata={**sub.metadata, "cmflow_resubmission": submission_id},
+        entrypoint_num_cpus=None,
     )
     sub.submissions.append({"id": submission_id, "at": utcnow()})
     sub.state = "submitted"
@@ -437,8 +477,12 @@ def job_info(sub: Submission, target: ClusterTarget) -> dict[str, Any]:
             return {}
         raise _ray_error(exc, target, f"get {sub.current}") from None
     return {
-        "submission_id": sub.current, "status": str(info.status.value), "message": info.message or "",
-        "start_time": info.start_time, "end_time": info.end_time, "entrypoint": info.entrypoint,
+        "submission_id": sub.current,
+        "status": str(info.status.value),
+        "message": info.message or "",
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+        "entrypoint": info.entrypoint,
     }
 
 
@@ -473,7 +517,9 @@ def follow_logs(sub: Submission, target: ClusterTarget, write: Callable[[str], N
         raise _ray_error(exc, target, f"follow the logs of {sub.current}") from None
 
 
-def wait_for(sub: Submission, target: ClusterTarget, *, poll_s: float = 1.0, timeout_s: float | None = None) -> str:
+def wait_for(
+    sub: Submission, target: ClusterTarget, *, poll_s: float = 1.0, timeout_s: float | None = None
+) -> str:
     """Poll until the current job reaches SUCCEEDED, FAILED or STOPPED; returns that status."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
@@ -481,7 +527,9 @@ def wait_for(sub: Submission, target: ClusterTarget, *, poll_s: float = 1.0, tim
         if status in TERMINAL or status == "UNKNOWN":
             return status
         if deadline is not None and time.monotonic() > deadline:
-            raise StageError(f"run {sub.run_id} is still {status} after {timeout_s:g}s; see `cmflow logs {sub.run_id}`")
+            raise StageError(
+                f"run {sub.run_id} is still {status} after {timeout_s:g}s; see `cmflow logs {sub.run_id}`"
+            )
         time.sleep(poll_s)
 
 
@@ -498,7 +546,9 @@ def _schedule_spec(schedule: Schedule) -> PipelineSpec:
 class RayJobSubmitter:
     """Fires schedules as Ray jobs on the schedule's job server (or ``address`` when given)."""
 
-    def __init__(self, address: str | None = None, token: str | None = None, *, ship_code: bool = True) -> None:
+    def __init__(
+        self, address: str | None = None, token: str | None = None, *, ship_code: bool = True
+    ) -> None:
         self.address = address
         self.token = token
         self.ship_code = ship_code
@@ -513,8 +563,13 @@ class RayJobSubmitter:
         return ClusterTarget(resolve_address(address), self.token)
 
     def submit(self, schedule: Schedule, run_id: str, metadata: dict[str, str]) -> None:
-        submit_spec(_schedule_spec(schedule), self._target(schedule), run_id=run_id, metadata=metadata,
-                    ship_code=self.ship_code)
+        submit_spec(
+            _schedule_spec(schedule),
+            self._target(schedule),
+            run_id=run_id,
+            metadata=metadata,
+            ship_code=self.ship_code,
+        )
 
     def status(self, schedule: Schedule, run_id: str) -> str | None:
         spec = _schedule_spec(schedule)
@@ -551,10 +606,11 @@ class InlineSubmitter:
             record = RunRecord.load(Storage(spec.storage.root, spec.storage.options), run_id)
         except UsageError:
             return None
-        return {"running": "RUNNING", "succeeded": "SUCCEEDED", "failed": "FAILED"}.get(record.status, "STOPPED")
+        return {"running": "RUNNING", "succeeded": "SUCCEEDED", "failed": "FAILED"}.get(
+            record.status, "STOPPED"
+        )
 
     def stop(self, schedule: Schedule, run_id: str) -> None:
         raise UsageError(
             f"schedule {schedule.id!r}: an inline tick cannot stop run {run_id}; use concurrency forbid or allow"
         )
-

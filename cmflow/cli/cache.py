@@ -65,7 +65,8 @@ def parse_age(text: str) -> float:
 def gc(
     root: RootOpt = None,
     min_age: Annotated[
-        str, typer.Option("--min-age", help="Keep manifest-less attempts younger than this (commits in flight).")
+        str,
+        typer.Option("--min-age", help="Keep manifest-less attempts younger than this (commits in flight)."),
     ] = "1h",
     yes: Annotated[bool, typer.Option("--yes", help="Delete; without it, only list what would go.")] = False,
 ) -> None:

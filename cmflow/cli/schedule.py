@@ -24,7 +24,9 @@ def _storage(root: str | None):  # noqa: ANN202
 def create(
     spec_path: SpecArg,
     cron: Annotated[str | None, typer.Option("--cron", help="Cron in --timezone, e.g. '0 3 * * 1'.")] = None,
-    timezone_name: Annotated[str, typer.Option("--timezone", help="IANA time zone, e.g. Europe/Paris.")] = "UTC",
+    timezone_name: Annotated[
+        str, typer.Option("--timezone", help="IANA time zone, e.g. Europe/Paris.")
+    ] = "UTC",
     catchup: Annotated[str, typer.Option("--catchup", help="Missed fires: latest | all | none.")] = "latest",
     concurrency: Annotated[
         str, typer.Option("--concurrency", help="Previous run still active: forbid | allow | replace.")
@@ -32,15 +34,18 @@ def create(
     trigger_manifest: Annotated[
         str | None, typer.Option("--trigger-manifest", help="Fire when this manifest.json's digest changes.")
     ] = None,
-    schedule_id: Annotated[str | None, typer.Option("--id", help="Schedule id (default: the pipeline name).")] = None,
+    schedule_id: Annotated[
+        str | None, typer.Option("--id", help="Schedule id (default: the pipeline name).")
+    ] = None,
     address: JobAddressOpt = None,
     starting_deadline_s: Annotated[
         float, typer.Option("--starting-deadline-s", help="--catchup none: a fire may be this late.")
     ] = 300.0,
     max_catchup: Annotated[int, typer.Option("--max-catchup", help="--catchup all: at most this many.")] = 24,
     set_: SetOpt = None,
-    root: Annotated[str | None, typer.Option("--root", help="Store the schedule here (default: the spec's "
-                                             "storage root).")] = None,
+    root: Annotated[
+        str | None, typer.Option("--root", help="Store the schedule here (default: the spec's storage root).")
+    ] = None,
 ) -> None:
     """Create a schedule that submits SPEC at cron times and/or when a dataset manifest changes."""
     from datetime import datetime, timezone
@@ -53,7 +58,9 @@ def create(
     if cron is None and trigger_manifest is None:
         from cmflow.errors import UsageError
 
-        raise UsageError("pass --cron '0 3 * * 1' and/or --trigger-manifest URI; see `cmflow schedule create --help`")
+        raise UsageError(
+            "pass --cron '0 3 * * 1' and/or --trigger-manifest URI; see `cmflow schedule create --help`"
+        )
     now = datetime.now(timezone.utc)
     submit_address = None
     if address is not None:
@@ -61,21 +68,36 @@ def create(
 
         submit_address = resolve_address(address)
     schedule = new_schedule(
-        spec.model_dump(mode="json"), now=now, schedule_id=schedule_id, cron=cron, timezone_name=timezone_name,
-        catchup=catchup, concurrency=concurrency, trigger_manifest=trigger_manifest, address=submit_address,
-        starting_deadline_s=starting_deadline_s, max_catchup=max_catchup,
+        spec.model_dump(mode="json"),
+        now=now,
+        schedule_id=schedule_id,
+        cron=cron,
+        timezone_name=timezone_name,
+        catchup=catchup,
+        concurrency=concurrency,
+        trigger_manifest=trigger_manifest,
+        address=submit_address,
+        starting_deadline_s=starting_deadline_s,
+        max_catchup=max_catchup,
     )
     storage = Storage(root) if root else Storage(spec.storage.root, spec.storage.options)
     create_schedule(storage, schedule)
     if submit_address is None:
-        typer.echo("note: no --address: ticks need one (`schedule tick --address`, `scheduler start "
-                   "--submit-address`) unless they run --inline", err=True)
+        typer.echo(
+            "note: no --address: ticks need one (`schedule tick --address`, `scheduler start "
+            "--submit-address`) unless they run --inline",
+            err=True,
+        )
     when = ""
     if schedule.cron:
         first = next_fire_time(schedule.cron, schedule.tz, now)
-        when = f"; first fire {iso(first)} ({first.astimezone(schedule.tz):%Y-%m-%d %H:%M %Z})" if first else ""
-    typer.echo(f"created schedule {schedule.id} for pipeline {spec.name} under {storage.uri()}{when}; ticks run "
-               f"via `cmflow scheduler start` or `cmflow schedule tick --all --root {storage.uri()}`")
+        when = (
+            f"; first fire {iso(first)} ({first.astimezone(schedule.tz):%Y-%m-%d %H:%M %Z})" if first else ""
+        )
+    typer.echo(
+        f"created schedule {schedule.id} for pipeline {spec.name} under {storage.uri()}{when}; ticks run "
+        f"via `cmflow scheduler start` or `cmflow schedule tick --all --root {storage.uri()}`"
+    )
 
 
 @app.command("list")
@@ -97,14 +119,21 @@ def list_(
     for schedule in list_schedules(storage):
         state = load_state(storage, schedule)
         nxt = next_fire_time(schedule.cron, schedule.tz, now) if schedule.cron and schedule.enabled else None
-        rows.append({
-            "id": schedule.id, "pipeline": schedule.pipeline, "cron": schedule.cron, "timezone": schedule.timezone,
-            "enabled": schedule.enabled, "catchup": schedule.catchup, "concurrency": schedule.concurrency,
-            "trigger": schedule.trigger.manifest_uri if schedule.trigger else None,
-            "next_fire": iso(nxt) if nxt else None,
-            "next_fire_local": f"{nxt.astimezone(schedule.tz):%Y-%m-%d %H:%M %Z}" if nxt else None,
-            "last_run": state.last_run_id,
-        })
+        rows.append(
+            {
+                "id": schedule.id,
+                "pipeline": schedule.pipeline,
+                "cron": schedule.cron,
+                "timezone": schedule.timezone,
+                "enabled": schedule.enabled,
+                "catchup": schedule.catchup,
+                "concurrency": schedule.concurrency,
+                "trigger": schedule.trigger.manifest_uri if schedule.trigger else None,
+                "next_fire": iso(nxt) if nxt else None,
+                "next_fire_local": f"{nxt.astimezone(schedule.tz):%Y-%m-%d %H:%M %Z}" if nxt else None,
+                "last_run": state.last_run_id,
+            }
+        )
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -112,11 +141,23 @@ def list_(
     for column in ("id", "pipeline", "when", "enabled", "policies", "next fire", "last run"):
         table.add_column(column)
     for row in rows:
-        when = " + ".join(x for x in (f"{row['cron']} {row['timezone']}" if row["cron"] else "",
-                                      f"new data at {row['trigger']}" if row["trigger"] else "") if x)
-        table.add_row(row["id"], row["pipeline"], when, "yes" if row["enabled"] else "[red]no[/]",
-                      f"catchup={row['catchup']} concurrency={row['concurrency']}", row["next_fire_local"] or "",
-                      row["last_run"] or "")
+        when = " + ".join(
+            x
+            for x in (
+                f"{row['cron']} {row['timezone']}" if row["cron"] else "",
+                f"new data at {row['trigger']}" if row["trigger"] else "",
+            )
+            if x
+        )
+        table.add_row(
+            row["id"],
+            row["pipeline"],
+            when,
+            "yes" if row["enabled"] else "[red]no[/]",
+            f"catchup={row['catchup']} concurrency={row['concurrency']}",
+            row["next_fire_local"] or "",
+            row["last_run"] or "",
+        )
     Console().print(table)
 
 
@@ -155,15 +196,22 @@ def delete(schedule_id: IdArg, root: RootOpt = None) -> None:
 def tick_(
     schedule_id: Annotated[str | None, typer.Argument(help="Schedule id (or --all).")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Tick every schedule under the root.")] = False,
-    now: Annotated[str | None, typer.Option("--now", help="Pretend it is this ISO time (default: now).")] = None,
+    now: Annotated[
+        str | None, typer.Option("--now", help="Pretend it is this ISO time (default: now).")
+    ] = None,
     root: RootOpt = None,
     address: Annotated[
-        str | None, typer.Option("--address", help="Submit to this job server instead of each schedule's own.")
+        str | None,
+        typer.Option("--address", help="Submit to this job server instead of each schedule's own."),
     ] = None,
     token_file: TokenFileOpt = None,
     inline: Annotated[
-        bool, typer.Option("--inline", help="Run due pipelines in this process (inside a Ray job, e.g. a "
-                           "RayCronJob) instead of submitting Ray jobs.")
+        bool,
+        typer.Option(
+            "--inline",
+            help="Run due pipelines in this process (inside a Ray job, e.g. a "
+            "RayCronJob) instead of submitting Ray jobs.",
+        ),
     ] = False,
 ) -> None:
     """Fire every due time exactly once (safe to run from several places at once); exit 1 if a fire failed."""
@@ -176,16 +224,20 @@ def tick_(
     submitter = InlineSubmitter() if inline else RayJobSubmitter(address, resolve_token(token_file))
     fires = tick(parse_time(now), _storage(root), submitter, ids=None if all_ else [schedule_id])
     for fire in fires:
-        when = f" for {fire.fire_time}" if fire.fire_time else (f" for digest {fire.digest[:12]}" if fire.digest
-                                                                else "")
+        when = (
+            f" for {fire.fire_time}"
+            if fire.fire_time
+            else (f" for digest {fire.digest[:12]}" if fire.digest else "")
+        )
         reason = f": {fire.reason}" if fire.reason else ""
         typer.echo(f"schedule {fire.schedule_id}: run {fire.run_id or '-'} {fire.outcome}{when}{reason}")
     if not fires:
         typer.echo("nothing due")
     failed = [f for f in fires if f.outcome == "failed"]
     if failed:
-        raise StageError(f"{len(failed)} fire(s) failed (first: {failed[0].reason}); they are retried on the next "
-                         "tick")
+        raise StageError(
+            f"{len(failed)} fire(s) failed (first: {failed[0].reason}); they are retried on the next tick"
+        )
 
 
 @app.command("export")
@@ -212,6 +264,12 @@ def export(
     if not kuberay:
         typer.echo(json.dumps(schedule.model_dump(mode="json"), indent=1))
         return
-    manifest = kuberay_cronjob(schedule, root=storage.uri(), image=image, namespace=namespace,
-                               gpu_workers=gpu_workers, tracking_uri=tracking_uri)
+    manifest = kuberay_cronjob(
+        schedule,
+        root=storage.uri(),
+        image=image,
+        namespace=namespace,
+        gpu_workers=gpu_workers,
+        tracking_uri=tracking_uri,
+    )
     typer.echo(yaml.safe_dump(manifest, sort_keys=False).rstrip())

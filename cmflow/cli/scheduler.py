@@ -9,12 +9,16 @@ import typer
 
 from cmflow.cli.options import RootOpt, default_root
 
-app = typer.Typer(help="The scheduler actor on a Ray cluster (ticks every schedule of a root).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="The scheduler actor on a Ray cluster (ticks every schedule of a root).", no_args_is_help=True
+)
 RayAddressOpt = Annotated[
     str | None,
-    typer.Option("--address", help="Ray cluster (GCS) address, e.g. HEAD:6379 (default: auto: $RAY_ADDRESS or "
-                 "the cluster on this node)."),
+    typer.Option(
+        "--address",
+        help="Ray cluster (GCS) address, e.g. HEAD:6379 (default: auto: $RAY_ADDRESS or "
+        "the cluster on this node).",
+    ),
 ]
 
 
@@ -24,8 +28,10 @@ def start(
     root: RootOpt = None,
     interval_s: Annotated[float, typer.Option("--interval-s", help="Seconds between ticks.")] = 30.0,
     submit_address: Annotated[
-        str | None, typer.Option("--submit-address", help="Job server the actor submits to (default: each "
-                                 "schedule's --address).")
+        str | None,
+        typer.Option(
+            "--submit-address", help="Job server the actor submits to (default: each schedule's --address)."
+        ),
     ] = None,
     ship_code: Annotated[
         bool, typer.Option("--ship-code/--no-ship-code", help="Upload the cmflow package for the actor.")
@@ -34,10 +40,13 @@ def start(
     """Start the scheduler actor (idempotent: a running one is reused)."""
     from cmflow import scheduler
 
-    state = scheduler.start(address, default_root(root), interval_s=interval_s, submit_address=submit_address,
-                            ship_code=ship_code)
-    typer.echo(f"scheduler running on {state['host']} (pid {state['pid']}) for {state['root']}, tick every "
-               f"{state['interval_s']:g}s, {state['ticks']} tick(s) so far")
+    state = scheduler.start(
+        address, default_root(root), interval_s=interval_s, submit_address=submit_address, ship_code=ship_code
+    )
+    typer.echo(
+        f"scheduler running on {state['host']} (pid {state['pid']}) for {state['root']}, tick every "
+        f"{state['interval_s']:g}s, {state['ticks']} tick(s) so far"
+    )
 
 
 @app.command("stop")
@@ -64,8 +73,12 @@ def status(
         typer.echo("no scheduler is running; start one with `cmflow scheduler start --root ROOT`")
         return
     error = f"; last error: {state['last_error']}" if state["last_error"] else ""
-    typer.echo(f"scheduler on {state['host']} (pid {state['pid']}, since {state['started_at']}) for "
-               f"{state['root']}: {state['ticks']} tick(s), {state['fired']} run(s) fired, last tick "
-               f"{state['last_tick_at']}{error}")
+    typer.echo(
+        f"scheduler on {state['host']} (pid {state['pid']}, since {state['started_at']}) for "
+        f"{state['root']}: {state['ticks']} tick(s), {state['fired']} run(s) fired, last tick "
+        f"{state['last_tick_at']}{error}"
+    )
     for fire in state["recent"]:
-        typer.echo(f"  {fire['schedule_id']}: {fire['run_id'] or '-'} {fire['outcome']} {fire['reason']}".rstrip())
+        typer.echo(
+            f"  {fire['schedule_id']}: {fire['run_id'] or '-'} {fire['outcome']} {fire['reason']}".rstrip()
+        )

@@ -16,13 +16,18 @@ if TYPE_CHECKING:
 
 JobAddressOpt = Annotated[
     str | None,
-    typer.Option("--address", help="Ray job server (dashboard), e.g. http://HEAD:8265 (default: "
-                 "$RAY_API_SERVER_ADDRESS)."),
+    typer.Option(
+        "--address",
+        help="Ray job server (dashboard), e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS).",
+    ),
 ]
 TokenFileOpt = Annotated[
     str | None,
-    typer.Option("--token-file", help="File holding the Ray auth token (default: $RAY_AUTH_TOKEN, "
-                 "$RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token)."),
+    typer.Option(
+        "--token-file",
+        help="File holding the Ray auth token (default: $RAY_AUTH_TOKEN, "
+        "$RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token).",
+    ),
 ]
 RunArg = Annotated[str, typer.Argument(help="The cmflow run id (also the Ray submission id).")]
 
@@ -31,23 +36,40 @@ def submit(
     spec_path: SpecArg,
     address: JobAddressOpt = None,
     set_: SetOpt = None,
-    run_id: Annotated[str | None, typer.Option("--run-id", help="Use this run id (default: a new one).")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to end; exit 1 unless it succeeds.")] = False,
-    timeout_s: Annotated[float | None, typer.Option("--timeout-s", help="With --wait: give up after this.")] = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="Use this run id (default: a new one).")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the run to end; exit 1 unless it succeeds.")
+    ] = False,
+    timeout_s: Annotated[
+        float | None, typer.Option("--timeout-s", help="With --wait: give up after this.")
+    ] = None,
     token_file: TokenFileOpt = None,
     ship_code: Annotated[
-        bool, typer.Option("--ship-code/--no-ship-code", help="Upload the cmflow package with the job "
-                           "(--no-ship-code: the cluster image has cmflow installed).")
+        bool,
+        typer.Option(
+            "--ship-code/--no-ship-code",
+            help="Upload the cmflow package with the job "
+            "(--no-ship-code: the cluster image has cmflow installed).",
+        ),
     ] = True,
     python: Annotated[str, typer.Option("--python", help="Python executable on the cluster.")] = "python",
-    env: Annotated[list[str] | None, typer.Option("--env", help="Extra job env var KEY=VALUE (repeatable).")] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", help="Extra job env var KEY=VALUE (repeatable).")
+    ] = None,
     forward_credentials: Annotated[
-        bool, typer.Option("--forward-credentials/--no-forward-credentials",
-                           help="Copy AWS_*/MLFLOW_* credentials from this shell into the job's env.")
+        bool,
+        typer.Option(
+            "--forward-credentials/--no-forward-credentials",
+            help="Copy AWS_*/MLFLOW_* credentials from this shell into the job's env.",
+        ),
     ] = True,
     allow_local_root: Annotated[
-        bool, typer.Option("--allow-local-root", help="Allow a local storage root (a filesystem shared with "
-                           "the cluster).")
+        bool,
+        typer.Option(
+            "--allow-local-root", help="Allow a local storage root (a filesystem shared with the cluster)."
+        ),
     ] = False,
 ) -> None:
     """Run a pipeline on a Ray cluster as a Ray job (submission id = run id; a second submit is refused)."""
@@ -57,15 +79,26 @@ def submit(
     spec = load_spec(spec_path, set_ or [])
     target = target_for(address, token_file)
     sub = submit_spec(
-        spec, target, run_id=run_id, ship_code=ship_code, python=python, extra_env=parse_env(env),
-        forward_credentials=forward_credentials, allow_local_root=allow_local_root,
+        spec,
+        target,
+        run_id=run_id,
+        ship_code=ship_code,
+        python=python,
+        extra_env=parse_env(env),
+        forward_credentials=forward_credentials,
+        allow_local_root=allow_local_root,
     )
     if spec.redacted() != spec.model_dump(mode="json"):
-        typer.echo("warning: the spec holds secrets; they were shipped with the job but are masked in the run "
-                   "record, so `cmflow resume` needs them from the environment or --set", err=True)
+        typer.echo(
+            "warning: the spec holds secrets; they were shipped with the job but are masked in the run "
+            "record, so `cmflow resume` needs them from the environment or --set",
+            err=True,
+        )
     root_hint = f" --root {spec.storage.root}"
-    typer.echo(f"submitted run {sub.run_id} to {target.address} as Ray job {sub.current}; follow it with "
-               f"`cmflow logs {sub.run_id} --follow{root_hint}`")
+    typer.echo(
+        f"submitted run {sub.run_id} to {target.address} as Ray job {sub.current}; follow it with "
+        f"`cmflow logs {sub.run_id} --follow{root_hint}`"
+    )
     if wait:
         _wait_and_report(spec.storage.root, sub, target, timeout_s)
 
@@ -85,9 +118,13 @@ def _wait_and_report(root: str, sub: Submission, target: ClusterTarget, timeout_
     except CmflowError:
         pass
     if status != "SUCCEEDED":
-        message = job_info(sub, target).get("message", "") if status != "UNKNOWN" else "the cluster lost the job"
-        raise StageError(f"run {sub.run_id} ended {status}: {message[:300]}; see `cmflow logs {sub.run_id}`, "
-                         f"then `cmflow resume {sub.run_id}`")
+        message = (
+            job_info(sub, target).get("message", "") if status != "UNKNOWN" else "the cluster lost the job"
+        )
+        raise StageError(
+            f"run {sub.run_id} ended {status}: {message[:300]}; see `cmflow logs {sub.run_id}`, "
+            f"then `cmflow resume {sub.run_id}`"
+        )
     typer.echo(f"run {sub.run_id} succeeded on {target.address}")
 
 
@@ -121,8 +158,10 @@ def stop(run_id: RunArg, root: RootOpt = None, token_file: TokenFileOpt = None) 
 
     sub, target = _submission(root, run_id, token_file)
     if stop_job(sub, target):
-        typer.echo(f"stopping run {run_id} (Ray job {sub.current} on {sub.address}); resume with "
-                   f"`cmflow resume {run_id}`")
+        typer.echo(
+            f"stopping run {run_id} (Ray job {sub.current} on {sub.address}); resume with "
+            f"`cmflow resume {run_id}`"
+        )
     else:
         typer.echo(f"run {run_id} was not running (Ray job {sub.current}: {job_status(sub, target)})")
 
@@ -147,7 +186,11 @@ def show_submitted(storage: Storage, run_id: str, as_json: bool) -> bool:
         return False
     try:
         info = job_info(sub, ClusterTarget(sub.address, resolve_token())) if sub.state == "submitted" else {}
-        job = info or {"submission_id": sub.current, "status": "UNKNOWN", "message": "the cluster has no such job"}
+        job = info or {
+            "submission_id": sub.current,
+            "status": "UNKNOWN",
+            "message": "the cluster has no such job",
+        }
     except ClusterError as exc:
         job = {"submission_id": sub.current, "status": "UNAVAILABLE", "message": str(exc)}
     try:
@@ -175,6 +218,8 @@ def resume_submitted(storage: Storage, run_id: str, overrides: list[str]) -> boo
     if load_submission(storage, run_id) is None:
         return False
     sub = resubmit(storage, run_id, overrides=overrides, token=resolve_token())
-    typer.echo(f"resubmitted run {run_id} as Ray job {sub.current} to {sub.address}; finished stages are cache "
-               f"hits; follow it with `cmflow logs {run_id} --follow --root {storage.uri()}`")
+    typer.echo(
+        f"resubmitted run {run_id} as Ray job {sub.current} to {sub.address}; finished stages are cache "
+        f"hits; follow it with `cmflow logs {run_id} --follow --root {storage.uri()}`"
+    )
     return True

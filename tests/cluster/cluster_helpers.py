@@ -12,7 +12,9 @@ from cmflow.errors import ClusterError
 from cmflow.schedule import DuplicateSubmission, Schedule
 
 
-def demo_spec(root: str, *, name: str = "tiny", sleep_s: float = 0.0, options: dict | None = None) -> dict[str, Any]:
+def demo_spec(
+    root: str, *, name: str = "tiny", sleep_s: float = 0.0, options: dict | None = None
+) -> dict[str, Any]:
     """A three-stage demo pipeline (no torch) with tracking off."""
     return {
         "name": name,
@@ -20,10 +22,17 @@ def demo_spec(root: str, *, name: str = "tiny", sleep_s: float = 0.0, options: d
         "storage": {"root": root, "options": options or {}},
         "tracking": {"enabled": False},
         "stages": {
-            "left": {"kind": "demo.arrays", "params": {"n": 8, "seed": 1, "sleep_s": sleep_s},
-                     "resources": {"cpus": 0.5}},
+            "left": {
+                "kind": "demo.arrays",
+                "params": {"n": 8, "seed": 1, "sleep_s": sleep_s},
+                "resources": {"cpus": 0.5},
+            },
             "right": {"kind": "demo.arrays", "params": {"n": 8, "seed": 2}, "resources": {"cpus": 0.5}},
-            "total": {"kind": "demo.reduce", "inputs": {"a": "left", "b": "right"}, "resources": {"cpus": 0.5}},
+            "total": {
+                "kind": "demo.reduce",
+                "inputs": {"a": "left", "b": "right"},
+                "resources": {"cpus": 0.5},
+            },
         },
     }
 

@@ -35,8 +35,16 @@ def containers(pod_template: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_every_file_in_cluster_is_checked_here() -> None:
-    checked = {"Dockerfile", "README.md", "aws-gpu.yaml", "local-two-node.sh", "kuberay/raycluster.yaml",
-               "kuberay/rayjob.yaml", "kuberay/cronjob-tick.yaml", "kuberay/secrets.example.yaml"}
+    checked = {
+        "Dockerfile",
+        "README.md",
+        "aws-gpu.yaml",
+        "local-two-node.sh",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
+        "kuberay/cronjob-tick.yaml",
+        "kuberay/secrets.example.yaml",
+    }
     present = {p.relative_to(CLUSTER).as_posix() for p in CLUSTER.rglob("*") if p.is_file()}
     assert present == checked, "add a check for each new file in cluster/"
 
@@ -65,7 +73,9 @@ def test_launcher_config_has_gpu_worker_types_token_auth_and_the_scheduler() -> 
     assert config["head_node_type"] in types
     gpu_types = {name: t for name, t in types.items() if t["resources"].get("GPU", 0) >= 1}
     assert len(gpu_types) >= 2 and all(t["max_workers"] >= 1 for t in gpu_types.values())
-    assert all(t["node_config"]["InstanceType"].startswith(("g5", "p4d", "p5", "g6")) for t in gpu_types.values())
+    assert all(
+        t["node_config"]["InstanceType"].startswith(("g5", "p4d", "p5", "g6")) for t in gpu_types.values()
+    )
     assert config["max_workers"] >= sum(t["min_workers"] for t in gpu_types.values())
     assert RAY_VERSION in config["docker"]["image"]
     head = " ".join(config["head_start_ray_commands"])
@@ -87,7 +97,11 @@ def test_raycluster_has_head_and_gpu_worker_groups_with_gpu_limits() -> None:
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     gpu = groups["gpu"]
     [worker] = containers(gpu)
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == worker["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert (
+        worker["resources"]["limits"]["nvidia.com/gpu"]
+        == worker["resources"]["requests"]["nvidia.com/gpu"]
+        == "1"
+    )
     assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
     assert any(t["key"] == "nvidia.com/gpu" for t in gpu["template"]["spec"]["tolerations"])
     assert all("nvidia.com/gpu" not in c["resources"]["limits"] for c in containers(groups["cpu"]))
@@ -97,7 +111,9 @@ def test_rayjob_runs_the_cmflow_driver_on_the_standing_cluster() -> None:
     [job] = load("kuberay/rayjob.yaml")
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec = job["spec"]
-    assert spec["clusterSelector"] == {"ray.io/cluster": load("kuberay/raycluster.yaml")[0]["metadata"]["name"]}
+    assert spec["clusterSelector"] == {
+        "ray.io/cluster": load("kuberay/raycluster.yaml")[0]["metadata"]["name"]
+    }
     argv = shlex.split(spec["entrypoint"])
     assert argv[:4] == ["python", "-m", "cmflow.cli.main", "run"]
     assert argv[argv.index("--run-id") + 1] == job["metadata"]["name"] == spec["metadata"]["cmflow_run_id"]
@@ -127,9 +143,15 @@ def test_secrets_example_defines_what_the_manifests_reference() -> None:
     assert set(secrets) == {"cmflow-ray-token", "cmflow-s3"}
     assert "auth_token" in secrets["cmflow-ray-token"]["stringData"]
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secrets["cmflow-s3"]["stringData"])
-    referenced = set(re.findall(r"name: (cmflow-[a-z0-9-]+)\b", "".join(
-        (CLUSTER / f).read_text() for f in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
-                                             "kuberay/cronjob-tick.yaml"))))
+    referenced = set(
+        re.findall(
+            r"name: (cmflow-[a-z0-9-]+)\b",
+            "".join(
+                (CLUSTER / f).read_text()
+                for f in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/cronjob-tick.yaml")
+            ),
+        )
+    )
     assert {"cmflow-ray-token", "cmflow-s3"} <= referenced
 
 

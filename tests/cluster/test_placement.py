@@ -33,8 +33,12 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     cluster = Cluster(
         initialize_head=True,
         connect=False,
-        head_node_args={"num_cpus": 1, "temp_dir": str(tmp_path_factory.mktemp("ray2")),
-                        "node_ip_address": "127.0.0.1", "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 1,
+            "temp_dir": str(tmp_path_factory.mktemp("ray2")),
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+        },
     )
     gpu_node = cluster.add_node(num_cpus=1, resources={"fake_gpu": 1}, node_ip_address="127.0.0.1")
     if ray.is_initialized():  # the session's local Ray (tests/conftest.py starts it again when next needed)
@@ -77,7 +81,11 @@ def test_the_engine_runs_a_fake_gpu_stage_on_the_cluster(two_nodes: dict[str, An
 @pytest.mark.parametrize(
     ("custom", "gpus", "needle"),
     [
-        ({"fake_tpu": 1}, 0.0, "stage 'left' needs CPU=0.5, fake_tpu=1 per task but no node of the cluster has that"),
+        (
+            {"fake_tpu": 1},
+            0.0,
+            "stage 'left' needs CPU=0.5, fake_tpu=1 per task but no node of the cluster has that",
+        ),
         ({"fake_gpu": 2}, 0.0, "lower stages.left.resources or use a larger cluster"),
         ({}, 1.0, "set stages.left.resources.gpus=0 or submit to a cluster with GPUs"),
     ],
@@ -96,7 +104,9 @@ def test_the_feasibility_check_refuses_what_no_node_has(
         check_feasible(nodes, [("left", spec.stages["left"].resources)])
 
 
-def test_an_inline_tick_runs_the_due_pipeline_on_the_cluster(two_nodes: dict[str, Any], tmp_path: Path) -> None:
+def test_an_inline_tick_runs_the_due_pipeline_on_the_cluster(
+    two_nodes: dict[str, Any], tmp_path: Path
+) -> None:
     root = str(tmp_path / "root")
     storage = Storage(root)
     spec = validate_spec(gpu_spec(root, {"fake_gpu": 1})).model_dump(mode="json")

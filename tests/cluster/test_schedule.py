@@ -68,19 +68,33 @@ def test_catchup_latest_fires_only_the_most_recent_missed_time(storage: Storage,
     assert fired_times(tick(t("2026-03-02T06:00:00Z"), storage, fake)) == ["2026-03-02T06:00:00Z"]
 
 
-def test_catchup_all_fires_every_missed_time_oldest_first_up_to_max(storage: Storage, fake: FakeSubmitter) -> None:
+def test_catchup_all_fires_every_missed_time_oldest_first_up_to_max(
+    storage: Storage, fake: FakeSubmitter
+) -> None:
     make(storage, created="2026-03-02T00:30:00Z", cron="0 * * * *", catchup="all", schedule_id="every")
     fires = tick(t("2026-03-02T05:10:00Z"), storage, fake)
     assert fired_times(fires) == [f"2026-03-02T0{h}:00:00Z" for h in range(1, 6)]
-    make(storage, created="2026-03-02T00:30:00Z", cron="0 * * * *", catchup="all", schedule_id="capped",
-         max_catchup=3)
+    make(
+        storage,
+        created="2026-03-02T00:30:00Z",
+        cron="0 * * * *",
+        catchup="all",
+        schedule_id="capped",
+        max_catchup=3,
+    )
     fires = tick(t("2026-03-02T05:10:00Z"), storage, fake, ids=["capped"])
     assert fired_times(fires) == ["2026-03-02T03:00:00Z", "2026-03-02T04:00:00Z", "2026-03-02T05:00:00Z"]
 
 
 def test_catchup_none_skips_fires_older_than_the_deadline(storage: Storage, fake: FakeSubmitter) -> None:
-    make(storage, created="2026-03-02T00:30:00Z", cron="0 * * * *", catchup="none", starting_deadline_s=300,
-         schedule_id="strict")
+    make(
+        storage,
+        created="2026-03-02T00:30:00Z",
+        cron="0 * * * *",
+        catchup="none",
+        starting_deadline_s=300,
+        schedule_id="strict",
+    )
     assert tick(t("2026-03-02T05:10:00Z"), storage, fake) == []  # 05:00 is 10 min late: skipped
     assert tick(t("2026-03-02T05:59:00Z"), storage, fake) == []
     assert fired_times(tick(t("2026-03-02T06:04:00Z"), storage, fake)) == ["2026-03-02T06:00:00Z"]
@@ -88,43 +102,88 @@ def test_catchup_none_skips_fires_older_than_the_deadline(storage: Storage, fake
 
 
 def test_weekly_cron_follows_the_time_zone(storage: Storage, fake: FakeSubmitter) -> None:
-    make(storage, created="2026-03-01T00:00:00Z", cron="0 3 * * 1", timezone_name="Europe/Paris", schedule_id="weekly")
+    make(
+        storage,
+        created="2026-03-01T00:00:00Z",
+        cron="0 3 * * 1",
+        timezone_name="Europe/Paris",
+        schedule_id="weekly",
+    )
     fires = run_ticks(storage, fake, "2026-03-01T00:00:00Z", "2026-04-07T00:00:00Z", every_min=60)
     # Mondays 03:00 Paris: 02:00Z in winter (CET), 01:00Z after the 2026-03-29 switch (CEST)
-    assert fired_times(fires) == ["2026-03-02T02:00:00Z", "2026-03-09T02:00:00Z", "2026-03-16T02:00:00Z",
-                                  "2026-03-23T02:00:00Z", "2026-03-30T01:00:00Z", "2026-04-06T01:00:00Z"]
+    assert fired_times(fires) == [
+        "2026-03-02T02:00:00Z",
+        "2026-03-09T02:00:00Z",
+        "2026-03-16T02:00:00Z",
+        "2026-03-23T02:00:00Z",
+        "2026-03-30T01:00:00Z",
+        "2026-04-06T01:00:00Z",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- DST
 
 
-def test_spring_forward_nonexistent_time_fires_once_at_the_end_of_the_gap(storage: Storage, fake: FakeSubmitter) -> None:
-    make(storage, created="2026-03-27T12:00:00Z", cron="30 2 * * *", timezone_name="Europe/Paris", schedule_id="daily")
+def test_spring_forward_nonexistent_time_fires_once_at_the_end_of_the_gap(
+    storage: Storage, fake: FakeSubmitter
+) -> None:
+    make(
+        storage,
+        created="2026-03-27T12:00:00Z",
+        cron="30 2 * * *",
+        timezone_name="Europe/Paris",
+        schedule_id="daily",
+    )
     fires = run_ticks(storage, fake, "2026-03-27T12:00:00Z", "2026-03-30T12:00:00Z", every_min=15)
     # 02:30 does not exist on 2026-03-29 (02:00 CET -> 03:00 CEST): it fires once, at 03:00 CEST = 01:00Z
     assert fired_times(fires) == ["2026-03-28T01:30:00Z", "2026-03-29T01:00:00Z", "2026-03-30T00:30:00Z"]
 
 
-def test_spring_forward_collapses_several_skipped_times_into_one(storage: Storage, fake: FakeSubmitter) -> None:
-    make(storage, created="2026-03-29T00:25:00Z", cron="*/20 * * * *", timezone_name="Europe/Paris",
-         schedule_id="often", catchup="all")
+def test_spring_forward_collapses_several_skipped_times_into_one(
+    storage: Storage, fake: FakeSubmitter
+) -> None:
+    make(
+        storage,
+        created="2026-03-29T00:25:00Z",
+        cron="*/20 * * * *",
+        timezone_name="Europe/Paris",
+        schedule_id="often",
+        catchup="all",
+    )
     fires = run_ticks(storage, fake, "2026-03-29T00:30:00Z", "2026-03-29T01:30:00Z", every_min=5)
     # 01:40 CET (00:40Z); 02:00, 02:20, 02:40 do not exist -> one fire at 03:00 CEST (01:00Z); 03:20 CEST (01:20Z)
     assert fired_times(fires) == ["2026-03-29T00:40:00Z", "2026-03-29T01:00:00Z", "2026-03-29T01:20:00Z"]
 
 
-def test_fall_back_repeated_time_fires_once_at_its_first_occurrence(storage: Storage, fake: FakeSubmitter) -> None:
-    make(storage, created="2026-10-24T12:00:00Z", cron="30 2 * * *", timezone_name="Europe/Paris", schedule_id="daily")
+def test_fall_back_repeated_time_fires_once_at_its_first_occurrence(
+    storage: Storage, fake: FakeSubmitter
+) -> None:
+    make(
+        storage,
+        created="2026-10-24T12:00:00Z",
+        cron="30 2 * * *",
+        timezone_name="Europe/Paris",
+        schedule_id="daily",
+    )
     fires = run_ticks(storage, fake, "2026-10-24T12:00:00Z", "2026-10-26T12:00:00Z", every_min=10)
     # 02:30 happens twice on 2026-10-25 (CEST 00:30Z, then CET 01:30Z): it fires once, at 00:30Z
     assert fired_times(fires) == ["2026-10-25T00:30:00Z", "2026-10-26T01:30:00Z"]
-    hourly = make(storage, created="2026-10-24T22:30:00Z", cron="0 * * * *", timezone_name="Europe/Paris",
-                  schedule_id="hourly")
+    hourly = make(
+        storage,
+        created="2026-10-24T22:30:00Z",
+        cron="0 * * * *",
+        timezone_name="Europe/Paris",
+        schedule_id="hourly",
+    )
     fires = run_ticks(storage, fake, "2026-10-24T22:30:00Z", "2026-10-25T03:30:00Z", every_min=10)
     mine = [f for f in fires if f.schedule_id == hourly.id]
     # 01:00 CEST, 02:00 CEST, (02:00 CET is the same wall time: no second fire), 03:00 CET, 04:00 CET
-    assert fired_times(mine) == ["2026-10-24T23:00:00Z", "2026-10-25T00:00:00Z", "2026-10-25T02:00:00Z",
-                                 "2026-10-25T03:00:00Z"]
+    assert fired_times(mine) == [
+        "2026-10-24T23:00:00Z",
+        "2026-10-25T00:00:00Z",
+        "2026-10-25T02:00:00Z",
+        "2026-10-25T03:00:00Z",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- exactly once
@@ -160,7 +219,9 @@ def test_concurrent_ticks_on_s3_fire_once(s3_root: tuple[str, dict], fake: FakeS
     root, options = s3_root
     storage = Storage(root, options)
     spec = validate_spec(demo_spec(root, options=options)).model_dump(mode="json")
-    create_schedule(storage, new_schedule(spec, now=t("2026-03-02T00:30:00Z"), cron="0 * * * *", schedule_id="s3"))
+    create_schedule(
+        storage, new_schedule(spec, now=t("2026-03-02T00:30:00Z"), cron="0 * * * *", schedule_id="s3")
+    )
     barrier = threading.Barrier(3)
 
     def worker() -> None:
@@ -177,7 +238,9 @@ def test_concurrent_ticks_on_s3_fire_once(s3_root: tuple[str, dict], fake: FakeS
 
 
 def test_a_lost_state_file_is_rebuilt_from_the_markers(storage: Storage, fake: FakeSubmitter) -> None:
-    schedule = make(storage, created="2026-03-02T00:30:00Z", cron="0 * * * *", catchup="all", schedule_id="rebuild")
+    schedule = make(
+        storage, created="2026-03-02T00:30:00Z", cron="0 * * * *", catchup="all", schedule_id="rebuild"
+    )
     tick(t("2026-03-02T03:10:00Z"), storage, fake)
     storage.delete(f"{schedule.prefix}/state.json")  # e.g. a scheduler restarted on a fresh machine
     state = load_state(storage, schedule)
@@ -199,7 +262,9 @@ def test_a_failed_submission_is_retried_with_the_same_id(storage: Storage, fake:
 # ---------------------------------------------------------------------------------------------- enable / disable
 
 
-def test_a_disabled_schedule_never_fires_and_enabling_does_not_catch_up(storage: Storage, fake: FakeSubmitter) -> None:
+def test_a_disabled_schedule_never_fires_and_enabling_does_not_catch_up(
+    storage: Storage, fake: FakeSubmitter
+) -> None:
     make(storage, created="2026-03-02T00:30:00Z", cron="*/10 * * * *", catchup="all", schedule_id="paused")
     set_enabled(storage, "paused", False, now=t("2026-03-02T00:31:00Z"))
     assert run_ticks(storage, fake, "2026-03-02T00:40:00Z", "2026-03-02T12:00:00Z", every_min=7) == []
@@ -214,7 +279,9 @@ def test_a_disabled_schedule_never_fires_and_enabling_does_not_catch_up(storage:
 
 def test_concurrency_forbid_skips_while_the_previous_run_is_active(storage: Storage) -> None:
     fake = FakeSubmitter(finish=False)
-    make(storage, created="2026-03-02T00:30:00Z", cron="0 * * * *", concurrency="forbid", schedule_id="forbid")
+    make(
+        storage, created="2026-03-02T00:30:00Z", cron="0 * * * *", concurrency="forbid", schedule_id="forbid"
+    )
     first = tick(t("2026-03-02T01:01:00Z"), storage, fake)
     second = tick(t("2026-03-02T02:01:00Z"), storage, fake)
     assert [f.outcome for f in first + second] == ["submitted", "skipped"]
@@ -225,7 +292,13 @@ def test_concurrency_forbid_skips_while_the_previous_run_is_active(storage: Stor
 
 def test_concurrency_replace_stops_the_previous_run(storage: Storage) -> None:
     fake = FakeSubmitter(finish=False)
-    make(storage, created="2026-03-02T00:30:00Z", cron="0 * * * *", concurrency="replace", schedule_id="replace")
+    make(
+        storage,
+        created="2026-03-02T00:30:00Z",
+        cron="0 * * * *",
+        concurrency="replace",
+        schedule_id="replace",
+    )
     tick(t("2026-03-02T01:01:00Z"), storage, fake)
     fires = tick(t("2026-03-02T02:01:00Z"), storage, fake)
     assert fake.stopped == [fake.submitted[0]] and len(fake.submitted) == 2
@@ -243,14 +316,21 @@ def test_concurrency_allow_overlaps(storage: Storage) -> None:
 
 
 def write_manifest(path: Path, n: int) -> str:
-    manifest = Manifest(kind="dataset", cache_key=f"{n:064x}", attempt="a", files={"data.npy": {
-        "sha256": f"{n:064x}", "size": n}}, meta={"version": n})
+    manifest = Manifest(
+        kind="dataset",
+        cache_key=f"{n:064x}",
+        attempt="a",
+        files={"data.npy": {"sha256": f"{n:064x}", "size": n}},
+        meta={"version": n},
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(manifest.to_json())
     return manifest.digest
 
 
-def test_data_trigger_fires_once_per_new_digest(storage: Storage, fake: FakeSubmitter, tmp_path: Path) -> None:
+def test_data_trigger_fires_once_per_new_digest(
+    storage: Storage, fake: FakeSubmitter, tmp_path: Path
+) -> None:
     watched = tmp_path / "datasets" / "latest" / "manifest.json"
     make(storage, created="2026-03-02T00:00:00Z", trigger_manifest=str(watched), schedule_id="ondata")
     assert tick(t("2026-03-02T00:01:00Z"), storage, fake) == []  # no manifest yet
@@ -267,7 +347,9 @@ def test_data_trigger_fires_once_per_new_digest(storage: Storage, fake: FakeSubm
     assert len(fake.submitted) == 2
 
 
-def test_data_trigger_baseline_and_concurrent_ticks(storage: Storage, fake: FakeSubmitter, tmp_path: Path) -> None:
+def test_data_trigger_baseline_and_concurrent_ticks(
+    storage: Storage, fake: FakeSubmitter, tmp_path: Path
+) -> None:
     watched = tmp_path / "manifest.json"
     write_manifest(watched, 7)
     make(storage, created="2026-03-02T00:00:00Z", trigger_manifest=str(watched), schedule_id="baseline")
@@ -287,13 +369,23 @@ def test_data_trigger_baseline_and_concurrent_ticks(storage: Storage, fake: Fake
     assert len(fake.submitted) == 1
 
 
-def test_data_trigger_on_s3_reads_the_manifest_directly(s3_root: tuple[str, dict], fake: FakeSubmitter) -> None:
+def test_data_trigger_on_s3_reads_the_manifest_directly(
+    s3_root: tuple[str, dict], fake: FakeSubmitter
+) -> None:
     root, options = s3_root
     storage = Storage(root, options)
     spec = validate_spec(demo_spec(root, options=options)).model_dump(mode="json")
     uri = f"{root}/datasets/latest/manifest.json"
-    create_schedule(storage, new_schedule(spec, now=t("2026-03-02T00:00:00Z"), trigger_manifest=uri,
-                                          trigger_options=options, schedule_id="s3data"))
+    create_schedule(
+        storage,
+        new_schedule(
+            spec,
+            now=t("2026-03-02T00:00:00Z"),
+            trigger_manifest=uri,
+            trigger_options=options,
+            schedule_id="s3data",
+        ),
+    )
     assert tick(t("2026-03-02T00:01:00Z"), storage, fake) == []
     for n in (1, 2):
         manifest = Manifest(kind="dataset", cache_key=f"{n:064x}", attempt="a", files={}, meta={"n": n})
@@ -307,8 +399,13 @@ def test_cron_plus_trigger_fires_at_cron_times_only_with_new_data(
 ) -> None:
     watched = tmp_path / "manifest.json"
     write_manifest(watched, 1)
-    make(storage, created="2026-03-02T00:30:00Z", cron="0 * * * *", trigger_manifest=str(watched),
-         schedule_id="both")
+    make(
+        storage,
+        created="2026-03-02T00:30:00Z",
+        cron="0 * * * *",
+        trigger_manifest=str(watched),
+        schedule_id="both",
+    )
     first = tick(t("2026-03-02T01:01:00Z"), storage, fake)
     assert [(f.outcome, f.reason) for f in first] == [("skipped", "no new data since the last run")]
     write_manifest(watched, 2)
@@ -342,8 +439,26 @@ def test_bad_schedules_are_refused_with_one_line(storage: Storage, kwargs: dict,
 def test_cli_create_list_disable_enable_delete_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = str(tmp_path / "root")
     spec = write_spec(tmp_path / "tiny.yaml", demo_spec(root))
-    assert main(["schedule", "create", str(spec), "--cron", "0 3 * * 1", "--timezone", "Europe/Paris",
-                 "--catchup", "all", "--concurrency", "replace", "--id", "weekly"]) == 0
+    assert (
+        main(
+            [
+                "schedule",
+                "create",
+                str(spec),
+                "--cron",
+                "0 3 * * 1",
+                "--timezone",
+                "Europe/Paris",
+                "--catchup",
+                "all",
+                "--concurrency",
+                "replace",
+                "--id",
+                "weekly",
+            ]
+        )
+        == 0
+    )
     assert "created schedule weekly" in capsys.readouterr().out
     assert main(["schedule", "create", str(spec), "--cron", "0 3 * * 1", "--id", "weekly"]) == 2
     assert "already exists" in capsys.readouterr().err
@@ -373,13 +488,18 @@ def test_cli_create_list_disable_enable_delete_export(tmp_path: Path, capsys: py
     assert "no schedule 'weekly'" in capsys.readouterr().err
 
 
-def test_cli_tick_reports_an_unreachable_cluster_and_retries(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_tick_reports_an_unreachable_cluster_and_retries(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from cluster_helpers import free_port
 
     root = str(tmp_path / "root")
     spec = write_spec(tmp_path / "tiny.yaml", demo_spec(root))
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    assert main(["schedule", "create", str(spec), "--cron", "*/5 * * * *", "--id", "down", "--address", address]) == 0
+    assert (
+        main(["schedule", "create", str(spec), "--cron", "*/5 * * * *", "--id", "down", "--address", address])
+        == 0
+    )
     capsys.readouterr()
     now = (datetime.now().astimezone() + timedelta(minutes=6)).isoformat()
     assert main(["schedule", "tick", "--all", "--root", root, "--now", now]) == 1

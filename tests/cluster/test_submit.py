@@ -76,10 +76,24 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     }
     log = open(temp / "head.log", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp}",
-         "--include-dashboard=true", "--disable-usage-stats", "--block"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            "--block",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     target = ClusterTarget(address, token)
@@ -96,8 +110,14 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     wait_until(ready, 120, "the Ray job server")
     token_file = temp / "token"
     token_file.write_text(token + "\n")
-    yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "token": token, "token_file": str(token_file),
-           "env": env, "target": target}
+    yield {
+        "address": address,
+        "gcs": f"127.0.0.1:{gcs}",
+        "token": token,
+        "token_file": str(token_file),
+        "env": env,
+        "target": target,
+    }
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=3)
@@ -118,8 +138,16 @@ def test_submit_wait_status_logs_and_duplicate_refused(
 ) -> None:
     root = str(tmp_path / "root")
     spec = write_spec(tmp_path / "tiny.yaml", demo_spec(root))
-    args = ["submit", str(spec), "--address", head["address"], "--token-file", head["token_file"],
-            "--run-id", "tiny-1"]
+    args = [
+        "submit",
+        str(spec),
+        "--address",
+        head["address"],
+        "--token-file",
+        head["token_file"],
+        "--run-id",
+        "tiny-1",
+    ]
     assert main([*args, "--wait", "--timeout-s", "180"]) == 0, capsys.readouterr()
     out = capsys.readouterr().out
     assert "submitted run tiny-1" in out and "run tiny-1 succeeded" in out
@@ -194,8 +222,11 @@ def test_stop_then_resume_resubmits_with_the_same_run_id(
     token = ["--token-file", head["token_file"]]
     assert main(["submit", str(spec), "--address", head["address"], "--run-id", "slow-1", *token]) == 0
     storage = Storage(root)
-    wait_until(lambda: storage.exists("runs/slow-1/run.json") and job_status(head, "slow-1") == "RUNNING", 120,
-               "the driver to start")
+    wait_until(
+        lambda: storage.exists("runs/slow-1/run.json") and job_status(head, "slow-1") == "RUNNING",
+        120,
+        "the driver to start",
+    )
     assert main(["stop", "slow-1", "--root", root, *token]) == 0
     assert "stopping run slow-1" in capsys.readouterr().out
     wait_until(lambda: job_status(head, "slow-1") == "STOPPED", 60, "the job to stop")
@@ -223,8 +254,14 @@ def test_schedule_tick_submits_a_real_job_once(head: dict[str, Any], tmp_path: P
     storage = Storage(root)
     spec = load_spec(write_spec(tmp_path / "tiny.yaml", demo_spec(root, name="weekly")))
     created = datetime.now(timezone.utc)
-    schedule = new_schedule(spec.model_dump(mode="json"), now=created, cron="0 3 * * 1",
-                            timezone_name="Europe/Paris", address=head["address"], schedule_id="weekly")
+    schedule = new_schedule(
+        spec.model_dump(mode="json"),
+        now=created,
+        cron="0 3 * * 1",
+        timezone_name="Europe/Paris",
+        address=head["address"],
+        schedule_id="weekly",
+    )
     create_schedule(storage, schedule)
     later = created + timedelta(days=8)  # at least one Monday 03:00 Paris in between
     submitter = RayJobSubmitter(token=head["token"])
@@ -233,7 +270,10 @@ def test_schedule_tick_submits_a_real_job_once(head: dict[str, Any], tmp_path: P
     run_id = fires[0].run_id
     assert run_id == f"cmflow-weekly-{int(parse_time(fires[0].fire_time).timestamp())}"
     info = job_client(head["target"]).get_job_info(run_id)
-    assert info.metadata["cmflow_schedule"] == "weekly" and info.metadata["cmflow_fire_time"] == fires[0].fire_time
+    assert (
+        info.metadata["cmflow_schedule"] == "weekly"
+        and info.metadata["cmflow_fire_time"] == fires[0].fire_time
+    )
     # a second scheduler ticking at the same time: no second job
     assert [f.outcome for f in tick(later, Storage(root), submitter)] in ([], ["taken"])
     with pytest.raises(DuplicateSubmission):  # and the job server refuses the id too
@@ -244,8 +284,14 @@ def test_schedule_tick_submits_a_real_job_once(head: dict[str, Any], tmp_path: P
 
 
 def scheduler_cli(head: dict[str, Any], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmflow.cli.main", "scheduler", *args, "--address", head["gcs"]],
-                          env=head["env"], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "cmflow.cli.main", "scheduler", *args, "--address", head["gcs"]],
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def test_scheduler_actor_fires_triggers_and_survives_a_restart(head: dict[str, Any], tmp_path: Path) -> None:
@@ -260,9 +306,16 @@ def test_scheduler_actor_fires_triggers_and_survives_a_restart(head: dict[str, A
         watched.write_text(manifest.to_json())
         return manifest.digest
 
-    create_schedule(storage, new_schedule(spec.model_dump(mode="json"), now=datetime.now(timezone.utc),
-                                          trigger_manifest=str(watched), address=head["address"],
-                                          schedule_id="ondata"))
+    create_schedule(
+        storage,
+        new_schedule(
+            spec.model_dump(mode="json"),
+            now=datetime.now(timezone.utc),
+            trigger_manifest=str(watched),
+            address=head["address"],
+            schedule_id="ondata",
+        ),
+    )
     started = scheduler_cli(head, "start", "--root", root, "--interval-s", "1")
     assert started.returncode == 0, started.stderr
     assert "scheduler running" in started.stdout
@@ -280,9 +333,16 @@ def test_scheduler_actor_fires_triggers_and_survives_a_restart(head: dict[str, A
     assert before["fired"] == 1
 
     kill = subprocess.run(
-        [sys.executable, "-c", f"import ray; ray.init(address={head['gcs']!r}, namespace='cmflow'); "
-         "ray.kill(ray.get_actor('cmflow-scheduler', namespace='cmflow'), no_restart=False)"],
-        env=head["env"], capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            f"import ray; ray.init(address={head['gcs']!r}, namespace='cmflow'); "
+            "ray.kill(ray.get_actor('cmflow-scheduler', namespace='cmflow'), no_restart=False)",
+        ],
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert kill.returncode == 0, kill.stderr
 

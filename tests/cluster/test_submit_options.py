@@ -24,9 +24,15 @@ from cmflow.submit import (
 def test_runtime_env_is_valid_and_forwards_only_what_is_set(tmp_path: Path) -> None:
     from ray.runtime_env import RuntimeEnv
 
-    environ = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_ENDPOINT_URL": "http://s3:9000",
-               "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "RAY_AUTH_TOKEN": "t0k",
-               "RAY_AUTH_MODE": "token", "HOME": "/x"}
+    environ = {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "AWS_ENDPOINT_URL": "http://s3:9000",
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "RAY_AUTH_TOKEN": "t0k",
+        "RAY_AUTH_MODE": "token",
+        "HOME": "/x",
+    }
     env = build_runtime_env(tmp_path, environ=environ, extra_env={"EXTRA": "1"})
     RuntimeEnv(**env)  # Ray's own validation of the fields
     assert env["working_dir"] == str(tmp_path)
@@ -47,7 +53,17 @@ def test_runtime_env_is_valid_and_forwards_only_what_is_set(tmp_path: Path) -> N
 
 def test_entrypoint_runs_the_same_driver_with_the_run_id() -> None:
     argv = shlex.split(entrypoint_command("tiny-1"))
-    assert argv == ["python", "-m", "cmflow.cli.main", "run", "spec.yaml", "--run-id", "tiny-1", "--address", "auto"]
+    assert argv == [
+        "python",
+        "-m",
+        "cmflow.cli.main",
+        "run",
+        "spec.yaml",
+        "--run-id",
+        "tiny-1",
+        "--address",
+        "auto",
+    ]
     assert shlex.split(entrypoint_command("x", python="/opt/py 3/bin/python"))[0] == "/opt/py 3/bin/python"
 
 
@@ -104,7 +120,9 @@ def test_env_items_and_local_roots(tmp_path: Path) -> None:
     check_root_reachable(s3, "http://head:8265")
 
 
-def test_status_of_a_local_run_is_unchanged_by_the_hook(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_status_of_a_local_run_is_unchanged_by_the_hook(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import json
 
     from cmflow.cli.main import main
@@ -113,7 +131,9 @@ def test_status_of_a_local_run_is_unchanged_by_the_hook(tmp_path: Path, capsys: 
 
     root = str(tmp_path / "root")
     spec = validate_spec(demo_spec(root))
-    RunRecord.start("local-1", spec.redacted(), {n: s.kind for n, s in spec.stages.items()}).save(Storage(root))
+    RunRecord.start("local-1", spec.redacted(), {n: s.kind for n, s in spec.stages.items()}).save(
+        Storage(root)
+    )
     assert main(["status", "local-1", "--root", root, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["run_id"] == "local-1" and "ray_job" not in data

@@ -28,7 +28,10 @@ def populate(storage: Storage, tmp_path: Path) -> dict[str, str]:
     """A committed key with a stray old attempt and finished work, a half-written old attempt of an
     uncommitted key, a fresh one (a commit in flight) and the checkpoints of an unfinished training."""
     committed = storage.commit("demo.kind", KEY_A, output(tmp_path, "a", 1000))
-    prefix_a, prefix_b = Storage.artifact_prefix("demo.kind", KEY_A), Storage.artifact_prefix("demo.kind", KEY_B)
+    prefix_a, prefix_b = (
+        Storage.artifact_prefix("demo.kind", KEY_A),
+        Storage.artifact_prefix("demo.kind", KEY_B),
+    )
     prefix_c = Storage.artifact_prefix("demo.kind", KEY_C)
     keys = {
         "stray": f"{prefix_a}/attempts/{OLD}-deadbeef",
