@@ -28,8 +28,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     import ray
+    from ray._common.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
+    # Cluster() records its address in <ray temp dir>/ray_current_cluster and fails if that folder is
+    # missing, which it is on a fresh machine where no default-temp-dir Ray has run yet
+    Path(get_ray_address_file(None)).parent.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(
         initialize_head=True,
         connect=False,
