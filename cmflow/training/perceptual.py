@@ -19,15 +19,11 @@ network trained at the data's native size is not run at 224 x 224.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from cmflow.errors import InputError
-from cmflow.spec import redact_uri
 
 CONFIG = "perceptual.json"
 WEIGHTS = "perceptual.safetensors"
@@ -97,22 +93,6 @@ def load_perceptual(weights: bytes, config: dict[str, Any]) -> PerceptualDistanc
     if missing or unexpected:
         raise ValueError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return module.eval()
-
-
-def load_perceptual_uri(uri: str | None, options: dict[str, Any]) -> PerceptualDistance:
-    """The perceptual network in the folder ``uri`` (``perceptual.json`` + ``perceptual.safetensors``)."""
-    from cmflow.storage import open_uri
-
-    if not uri:
-        raise InputError(
-            "distance 'lpips' needs lpips_uri: a folder with perceptual.json + perceptual.safetensors"
-        )
-    base = uri.rstrip("/")
-    try:
-        config = json.loads(open_uri(f"{base}/{CONFIG}", options))
-        return load_perceptual(open_uri(f"{base}/{WEIGHTS}", options), config)
-    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise InputError(f"{redact_uri(base)} is not a usable perceptual network ({exc})") from None
 
 
 # --------------------------------------------------------------------------------------------------

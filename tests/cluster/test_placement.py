@@ -18,9 +18,10 @@ from cmflow.engine import run_pipeline
 from cmflow.engine.ray_runtime import check_feasible
 from cmflow.errors import ClusterError
 from cmflow.schedule import create_schedule, new_schedule, tick
-from cmflow.spec import Resources, validate_spec
+from cmflow.spec import Resources
 from cmflow.storage import Storage
 from cmflow.submit import InlineSubmitter
+from cmflow.validate import validate_spec
 
 pytestmark = pytest.mark.slow
 
