@@ -16,7 +16,8 @@ Prints a markdown table per command (docs/benchmarks.md keeps the results).
   Ray of 1 and of 2 CPUs (1 CPU per decode task).
 * ``evaluate``: the digits evaluation (teacher at NFE 35 and the CM, one seed) with ``num_tasks`` 1 and 2
   (1 CPU each); the reference statistics are computed before, so both runs only sample and embed.
-* ``distill``: digits CD at global batch 128 on 1 worker x 2 threads and on 2 workers x 1 thread.
+* ``distill``: digits CD at global batch 128 on 1 worker x 2 threads and on 2 workers x 1 thread
+  (``BENCH_STAGE=teacher``: the digits teacher the same way).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ HERE = Path(__file__).resolve().parents[1]
 
 
 def _ray(num_cpus: int, root: Path) -> None:
+    """A local Ray started as ``cmflow run`` starts one (its workers get cmflow's WORKER_ENV)."""
     import ray
+
+    from cmflow.engine.ray_runtime import WORKER_ENV
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -47,6 +51,7 @@ def _ray(num_cpus: int, root: Path) -> None:
         _temp_dir=str(root / "ray"),
         logging_level="ERROR",
         log_to_driver=False,
+        runtime_env={"env_vars": dict(WORKER_ENV)},
     )
 
 
