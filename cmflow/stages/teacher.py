@@ -11,7 +11,7 @@ from pydantic import Field
 from cmflow.errors import InputError, StageError
 from cmflow.stage import Artifact, ParamsModel, StageContext, stage
 
-Preset = Literal["tiny", "digits", "cifar10", "imagenet64"]
+Preset = Literal["tiny", "digits", "cifar10", "imagenet64", "adm-imagenet64", "adm-lsun256"]
 TRAINING_DEPS = (
     "cmflow.training.loop",
     "cmflow.training.checkpoint",
@@ -24,6 +24,9 @@ TRAINING_DEPS = (
     "cmflow.diffusion.ema",
     "cmflow.diffusion.rng",
     "cmflow.models.unet",
+    "cmflow.models.adm",
+    "cmflow.models.openai_format",
+    "cmflow.interop",
     "cmflow.models.precond",
     "cmflow.models.io",
     "cmflow.data.shards",
@@ -35,12 +38,23 @@ class TeacherParams(ParamsModel):
     uri: str | None = Field(
         None,
         description="Load a pretrained teacher instead of training: a folder URI with model.json and "
-        "model.safetensors (or a weights-only model.pt).",
+        "model.safetensors (or a weights-only model.pt), or a released openai/consistency_models EDM "
+        "checkpoint such as s3://models/edm_imagenet64_ema.pt.",
+    )
+    format: Literal["auto", "cmflow", "openai"] = Field(
+        "auto",
+        description="What `uri` holds: a cmflow model folder, a released openai .pt state dict (ADM backbone, "
+        "c_noise = 250 ln sigma; the architecture is `preset` if it is an adm-* preset, else detected), or "
+        "auto: a single file is openai, a folder cmflow.",
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `uri`.")
-    preset: Preset = Field("digits", description="UNet preset (cmflow.models.unet.UNET_PRESETS).")
+    preset: Preset = Field(
+        "digits",
+        description="Backbone preset: cmflow UNet (cmflow.models.unet.UNET_PRESETS) or openai ADM "
+        "(cmflow.models.adm.ADM_PRESETS: adm-imagenet64, adm-lsun256).",
+    )
     unet: dict[str, Any] = Field(
-        default_factory=dict, description="Overrides of the preset's UNetConfig fields."
+        default_factory=dict, description="Overrides of the preset's UNetConfig (or ADMConfig) fields."
     )
     steps: int = Field(2600, ge=0, description="Optimizer steps.")
     batch_size: int = Field(128, ge=1)
@@ -86,17 +100,24 @@ def teacher(params: TeacherParams, inputs: dict[str, Artifact], ctx: StageContex
     Examples:
         teacher: {kind: teacher, inputs: {data: data}, params: {preset: digits, steps: 2600}}
         teacher: {kind: teacher, inputs: {data: data}, params: {uri: s3://models/edm-cifar10}}
+        teacher: {kind: teacher, inputs: {data: data},
+                  params: {uri: s3://models/edm_imagenet64_ema.pt, format: openai, preset: adm-imagenet64}}
     """
     import torch
 
     from cmflow.data.shards import read_dataset
+    from cmflow.interop import load_teacher_uri
+    from cmflow.models.adm import ADM_PRESETS
     from cmflow.models.io import save_model, weights_bytes
-    from cmflow.training.builders import check_image_shape, count_params, load_model_uri
+    from cmflow.training.builders import check_image_shape, count_params
 
     torch.set_num_threads(ctx.num_threads)
     images, labels, info = read_dataset(inputs["data"].read_bytes)
     if params.uri:
-        model, config = load_model_uri(params.uri, params.storage_options, "edm")
+        adm_preset = params.preset if params.preset in ADM_PRESETS else None
+        model, config = load_teacher_uri(
+            params.uri, params.storage_options, params.format, adm_preset, params.unet if adm_preset else {}
+        )
         check_image_shape(config, info["channels"], info["resolution"], params.uri)
         save_model(model, ctx.out_dir, source="uri", dataset_digest=info["digest"])
         _teacher_grid(model, params, config, ctx)
@@ -324,6 +345,10 @@ def teacher_sample(
         )
     weights = inputs["teacher"].read_bytes("model.safetensors")
     image, num_classes = config["image"], int(config.get("num_classes", 0))
+    if not num_classes and params.class_labels is not None:
+        raise InputError(
+            f"stage {ctx.stage!r}: the teacher is unconditional, so it takes no class labels; remove class_labels"
+        )
     if num_classes and params.class_labels is None:
         raise InputError(
             f"stage {ctx.stage!r}: the teacher is class-conditional; set class_labels: uniform (or a class index)"
