@@ -297,3 +297,108 @@ def export_diffusers(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry side: ``cmflow models import`` / ``cmflow models export``
+
+
+def register_imported(
+    client: Any,
+    uri: str,
+    fmt: Format,
+    *,
+    name: str,
+    preset: str | None = None,
+    alias: str | None = "challenger",
+    two_step_sigma: float | None = None,
+    options: dict[str, Any] | None = None,
+) -> Any:
+    """Import a released CM and register it as a new version of ``name`` (as the ``register`` stage does:
+    the pyfunc of :mod:`cmflow.serving` over ``model.safetensors`` + ``model.json``); returns the version.
+
+    Idempotent per source file: re-importing the same weights reuses the version (tag
+    ``cmflow.import_digest``, the sha256 of the written weights).
+    """
+    import hashlib
+
+    from cmflow.models.io import save_model
+    from cmflow.registry import check_model_name, register_version
+    from cmflow.tracking import experiment_id
+
+    check_model_name(name)
+    model, extra = import_consistency_model(uri, fmt, preset=preset, options=options)
+    sampling: dict[str, Any] = {"one_step_sigmas": [model.sigma_max]}
+    if two_step_sigma is not None:
+        if not model.sigma_min < two_step_sigma < model.sigma_max:
+            raise UsageError(
+                f"--two-step-sigma must lie in ({model.sigma_min}, {model.sigma_max}), got {two_step_sigma}"
+            )
+        sampling["two_step_sigmas"] = [model.sigma_max, float(two_step_sigma)]
+    with tempfile.TemporaryDirectory(prefix="cmflow-import-") as tmp:
+        config = save_model(model, tmp, sampling=sampling, **extra)
+        digest = hashlib.sha256((Path(tmp) / "model.safetensors").read_bytes()).hexdigest()
+        exp = experiment_id(client, "cmflow-imports")
+        run = client.create_run(
+            exp, tags={"cmflow.import_source": redact_uri(uri)}, run_name=f"import-{name}"
+        )
+        tags = {
+            "cmflow.import_source": redact_uri(uri),
+            "cmflow.import_format": str(extra.get("source", fmt)),
+            "cmflow.import_digest": digest,
+            "cmflow.model_digest": digest,
+            "cmflow.backbone": str(config.get("backbone")),
+        }
+        try:
+            return register_version(
+                client,
+                name=name,
+                run_id=run.info.run_id,
+                experiment_id=exp,
+                weights=Path(tmp) / "model.safetensors",
+                config=Path(tmp) / "model.json",
+                tags=tags,
+                alias=alias,
+                dedupe_tag="cmflow.import_digest",
+                description=f"imported from {redact_uri(uri)}",
+            )
+        finally:
+            client.set_terminated(run.info.run_id)
+
+
+def export_registered(
+    client: Any, model_uri: str, out_dir: str | Path, *, num_train_timesteps: int | None = None
+) -> Path:
+    """``models:/NAME@ALIAS`` (or ``NAME@ALIAS``, ``NAME/VERSION``) as a diffusers pipeline folder."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from cmflow.errors import RegistryError
+    from cmflow.registry import resolve_model_uri
+
+    uri = model_uri if model_uri.startswith("models:/") else f"models:/{model_uri}"
+    resolved = resolve_model_uri(client, uri)
+    with tempfile.TemporaryDirectory(prefix="cmflow-export-") as tmp:
+        try:
+            local = Path(
+                download_artifacts(
+                    artifact_uri=resolved.source, dst_path=tmp, tracking_uri=client.tracking_uri
+                )
+            )
+        except MlflowException as exc:
+            raise RegistryError(f"cannot download {uri}: {exc.message.splitlines()[0]}") from None
+        found = sorted(local.rglob("model.json"))
+        if not found or not (found[0].parent / "model.safetensors").is_file():
+            raise InputError(
+                f"{uri} holds no model.json + model.safetensors; it was not registered by cmflow"
+            )
+        config = json.loads(found[0].read_text())
+        try:
+            return export_diffusers(
+                found[0].parent / "model.safetensors",
+                config,
+                out_dir,
+                num_train_timesteps=num_train_timesteps,
+            )
+        except UsageError as exc:
+            raise UsageError(f"{model_uri}: {exc}") from None

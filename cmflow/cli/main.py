@@ -10,6 +10,7 @@ import typer
 
 from cmflow.cli import cache, run, runs
 from cmflow.cli import fid as fid_cli
+from cmflow.cli import interop as interop_cli
 from cmflow.cli import models as models_cli
 from cmflow.cli import sample as sample_cli
 from cmflow.cli import schedule as schedule_cli
@@ -32,6 +33,8 @@ app.command()(run.schema)
 app.add_typer(runs.app, name="runs")
 app.add_typer(cache.app, name="cache")
 app.add_typer(fid_cli.app, name="fid")
+models_cli.app.command("import")(interop_cli.import_)
+models_cli.app.command("export")(interop_cli.export)
 app.add_typer(models_cli.app, name="models")
 app.command()(sample_cli.sample)
 app.command()(sample_cli.edit)
