@@ -128,13 +128,18 @@ def import_consistency_model(
     fmt: Format = "auto",
     *,
     preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """(CM in eval mode, extra model.json entries) from a released CD/CT ``.pt`` or a diffusers folder."""
+    """(CM in eval mode, extra model.json entries) from a released CD/CT ``.pt`` or a diffusers folder.
+
+    ``preset`` / ``overrides`` describe an openai file's architecture (see :func:`load_teacher_uri`); a
+    diffusers folder describes itself.
+    """
     options = options or {}
     fmt = detect_format(uri, options) if fmt == "auto" else fmt
     if fmt == "openai":
-        return _openai_model(uri, options, "cm", preset, {}), {"source": "openai"}
+        return _openai_model(uri, options, "cm", preset, overrides or {}), {"source": "openai"}
     if fmt == "diffusers":
         return read_diffusers_folder(uri, options)
     raise InputError(
@@ -310,6 +315,7 @@ def register_imported(
     *,
     name: str,
     preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
     alias: str | None = "challenger",
     two_step_sigma: float | None = None,
     options: dict[str, Any] | None = None,
@@ -327,7 +333,7 @@ def register_imported(
     from cmflow.tracking import experiment_id
 
     check_model_name(name)
-    model, extra = import_consistency_model(uri, fmt, preset=preset, options=options)
+    model, extra = import_consistency_model(uri, fmt, preset=preset, overrides=overrides, options=options)
     sampling: dict[str, Any] = {"one_step_sigmas": [model.sigma_max]}
     if two_step_sigma is not None:
         if not model.sigma_min < two_step_sigma < model.sigma_max:

@@ -113,6 +113,7 @@ def unet_config(cfg: ADMConfig) -> dict[str, Any]:
         "dropout": cfg.dropout,
         "time_embedding_dim": None,
         "center_input_sample": False,
+        "num_train_timesteps": None,
         **_FIXED,
     }
 

@@ -115,7 +115,8 @@ def build_openai_model(state: dict[str, Tensor], config: ADMConfig, kind: str) -
     """
     if kind not in ("edm", "cm"):
         raise ValueError(f"kind must be 'edm' or 'cm', got {kind!r}")
-    backbone = ADM(config)
-    backbone.load_state_dict(state, strict=True)
+    with torch.device("meta"):  # no throwaway random init of up to 0.5 G parameters
+        backbone = ADM(config)
+    backbone.load_state_dict(state, strict=True, assign=True)
     cls = EDMPrecond if kind == "edm" else CMPrecond
     return cls(backbone, c_noise_scale=C_NOISE_SCALE, **SIGMAS).eval()
