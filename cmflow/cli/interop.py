@@ -39,6 +39,12 @@ def import_(
     preset: Annotated[
         AdmPreset | None, typer.Option("--preset", help="openai files: the architecture (default: detected).")
     ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="openai files: an ADMConfig field of the architecture, e.g. --set dropout=0.1."
+        ),
+    ] = None,
     alias: Annotated[str, typer.Option("--alias", help="Alias set on the new version.")] = "challenger",
     two_step_sigma: Annotated[
         float | None,
@@ -49,14 +55,23 @@ def import_(
     tracking_uri_: TrackingOpt = None,
 ) -> None:
     """Register a released consistency model (openai .pt or diffusers folder) as a new version of NAME."""
+    from cmflow.errors import UsageError
     from cmflow.interop import register_imported
+    from cmflow.spec import parse_override
 
+    fields = {}
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        if len(parts) != 1:
+            raise UsageError(f"--set {item!r}: name one ADMConfig field, e.g. --set num_classes=0")
+        fields[parts[0]] = tuple(value) if isinstance(value, list) else value
     version = register_imported(
         _client(tracking_uri_),
         source,
         fmt.value,  # type: ignore[arg-type]
         name=name,
         preset=preset.value if preset else None,
+        overrides=fields,
         alias=alias,
         two_step_sigma=two_step_sigma,
     )
