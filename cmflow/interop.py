@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -61,9 +62,18 @@ def read_openai_state(uri: str, options: dict[str, Any]) -> dict[str, Any]:
     try:
         state = read_torch_state(data)
     except pickle.UnpicklingError as exc:
+        needs = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        other = re.search(r"Unsupported [^\n]{0,80}", str(exc))
+        what = (
+            f"its pickle calls {needs.group(1)}"
+            if needs
+            else other.group(0)
+            if other
+            else "unreadable pickle"
+        )
         raise InputError(
-            f"{where} was refused: it is not a weights-only state dict ({str(exc).splitlines()[0][:160]}); "
-            "load it only if you trust it, then torch.save(model.state_dict())"
+            f"{where} was refused: it is not a weights-only state dict ({what}); load it only if you trust "
+            "it, then torch.save(model.state_dict())"
         ) from None
     except ValueError as exc:
         raise InputError(f"{where}: {exc}; pass a released openai/consistency_models .pt file") from None
