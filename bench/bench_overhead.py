@@ -54,7 +54,7 @@ def bare_loop(steps: int, batch: int, threads: int, images: torch.Tensor) -> flo
 
 def stage_imgs_per_s(steps: int, batch: int, threads: int, root: str) -> float:
     from cmflow.engine import run_pipeline, storage_for
-    from cmflow.spec import validate_spec
+    from cmflow.validate import validate_spec
 
     spec = validate_spec(
         {

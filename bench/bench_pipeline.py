@@ -41,7 +41,7 @@ def per_stage_overhead(root: str, length: int, repeats: int) -> tuple[float, flo
     """(ray start s, median ms per no-op stage, cache-lookup ms per stage) on a warm local Ray."""
     from cmflow.engine import run_pipeline
     from cmflow.engine.ray_runtime import RayRuntime
-    from cmflow.spec import validate_spec
+    from cmflow.validate import validate_spec
 
     runtime = RayRuntime(num_cpus=2)  # the private local Ray the engine starts, timed as the engine starts it
     start = time.perf_counter()

@@ -70,38 +70,53 @@ def lookup(storage: Storage, kind: str, key: str, *, repair: bool = True) -> Loo
     return Lookup(True, manifest, "")
 
 
-def explain(current: dict[str, Any], previous: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    """Rows (component, value, 'same' | 'changed' | 'new') comparing two sets of key components."""
-    rows: list[tuple[str, str, str]] = []
-    for name, value in current.items():
-        if name == "params" and isinstance(value, dict):
-            old_params = (previous or {}).get("params", {}) or {}
-            for param, pvalue in value.items():
-                status = _status(previous, param in old_params and old_params[param] == pvalue)
-                rows.append((f"params.{param}", _short(pvalue), status))
-            for param in sorted(set(old_params) - set(value)):
-                rows.append((f"params.{param}", "(removed)", "changed"))
-            continue
-        if name == "inputs" and isinstance(value, dict):
-            old_inputs = (previous or {}).get("inputs", {}) or {}
-            for input_name, digest in value.items():
-                rows.append(
-                    (
-                        f"inputs.{input_name}",
-                        digest[:16],
-                        _status(previous, old_inputs.get(input_name) == digest),
-                    )
-                )
-            continue
-        same = previous is not None and previous.get(name) == value
-        rows.append((name, _short(value), _status(previous, same)))
+@dataclass(frozen=True)
+class Difference:
+    """One leaf of the key components compared with the previous run's: ``same``, ``changed``, ``new`` or
+    ``removed`` (``previous`` / ``value`` are None where a side has no such component)."""
+
+    component: str  # dotted path, e.g. "params.lr", "code.modules.cmflow.data.images"
+    status: str
+    value: Any
+    previous: Any
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def explain(current: dict[str, Any], previous: dict[str, Any] | None) -> list[Difference]:
+    """Every leaf of ``current`` (and every leaf only ``previous`` has) with its status against ``previous``.
+
+    Nested components are compared leaf by leaf, so a changed code fingerprint names the module, data file
+    or library version that changed rather than the whole fingerprint.
+    """
+    now = _leaves(current)
+    if previous is None:
+        return [Difference(name, "new", value, None) for name, value in now.items()]
+    before = _leaves(previous)
+    rows = []
+    for name, value in now.items():
+        if name not in before:
+            rows.append(Difference(name, "new", value, None))
+        else:
+            rows.append(Difference(name, "same" if before[name] == value else "changed", value, before[name]))
+    rows.extend(Difference(name, "removed", None, before[name]) for name in before if name not in now)
     return rows
 
 
-def _status(previous: dict[str, Any] | None, same: bool) -> str:
-    if previous is None:
-        return "new"
-    return "same" if same else "changed"
+def short(value: Any) -> str:
+    """A value as at most 64 characters (digests shortened to 16 hex digits)."""
+    if value is None:
+        return "-"
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:16]
+    return _short(value)
 
 
 def _short(value: Any) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cmflow.errors import InputError, UsageError
-from cmflow.spec import redact_uri
+from cmflow.redact import redact_uri
 
 Format = Literal["auto", "cmflow", "openai", "diffusers"]
 PT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -121,7 +121,7 @@ def load_teacher_uri(
 
     fmt = detect_format(uri, options) if fmt == "auto" else fmt
     if fmt == "cmflow":
-        from cmflow.training.builders import load_model_uri
+        from cmflow.loaders import load_model_uri
 
         return load_model_uri(uri, options, "edm")
     if fmt != "openai":
@@ -338,9 +338,9 @@ def register_imported(
     """
     import hashlib
 
+    from cmflow.mlflow_client import experiment_id
     from cmflow.models.io import save_model
     from cmflow.registry import check_model_name, register_version
-    from cmflow.tracking import experiment_id
 
     check_model_name(name)
     model, extra = import_consistency_model(uri, fmt, preset=preset, overrides=overrides, options=options)

@@ -12,7 +12,7 @@ Version tags written by :func:`register_version` and the promote step::
     cmflow.previous_champion (the version that was champion when this one was promoted)
 
 Lower metric values are better (FID, KID). All functions take an explicit ``MlflowClient`` (no global
-tracking URI, no fluent active run); :func:`client_for` builds one.
+tracking URI, no fluent active run); :func:`cmflow.mlflow_client.client_for` builds one.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cmflow.errors import GateRejected, RegistryError, UsageError
-from cmflow.spec import redact_uri
+from cmflow.mlflow_client import client_for
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -47,33 +47,6 @@ STALE_TICKET_S = 60.0  # a ticket whose winner has not applied it after this lon
 
 # --------------------------------------------------------------------------------------------------
 # Clients and URIs
-
-
-def default_tracking_uri(root: str | None = None) -> str:
-    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlflow.db`` (root defaults to ./cmflow-artifacts)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env and root is None:
-        return env
-    return sqlite_uri_for_root(root or "./cmflow-artifacts")
-
-
-def sqlite_uri_for_root(root: str) -> str:
-    """The default tracking store of a local storage root: ``sqlite:////abs/root/mlflow.db``."""
-    if root.startswith("file://"):
-        root = root[len("file://") :]
-    if "://" in root:
-        raise UsageError(f"{redact_uri(root)} is not a local root; pass a tracking URI (an MLflow server)")
-    path = Path(os.path.expanduser(root)).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path / 'mlflow.db'}"
-
-
-def client_for(tracking_uri: str | None) -> Any:
-    """An ``MlflowClient`` whose tracking and registry URIs are both ``tracking_uri``."""
-    from mlflow import MlflowClient
-
-    uri = tracking_uri or default_tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def check_model_name(name: str) -> str:
@@ -617,3 +590,34 @@ def versions(client: Any, name: str) -> list[Any]:
     registry_call(f"no registered model {name!r}", client.get_registered_model, name)
     found = client.search_model_versions(f"name = '{name}'", max_results=1000)
     return sorted(found, key=lambda mv: int(mv.version), reverse=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_pyfunc(model_uri: str, tracking_uri: str | None = None) -> Any:
+    """Load ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a model folder as a pyfunc model.
+
+    ``models:/`` URIs are resolved with an explicit client for ``tracking_uri`` (MLflow's own resolver
+    reads the process-global registry URI), then the files are downloaded into a temporary folder; the
+    weights are in memory once loaded, so the folder is removed again.
+    """
+    import tempfile
+
+    import mlflow.pyfunc
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri.startswith("models:/"):
+        return mlflow.pyfunc.load_model(model_uri)
+    client = client_for(tracking_uri)
+    source = resolve_model_uri(client, model_uri).source
+    with tempfile.TemporaryDirectory(prefix="cmflow-load-") as tmp:
+        try:
+            local = download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=client.tracking_uri)
+            return mlflow.pyfunc.load_model(local)
+        except MlflowException as exc:
+            raise RegistryError(
+                f"cannot load {model_uri} from {source}: {exc.message.splitlines()[0]}"
+            ) from None

@@ -184,7 +184,7 @@ def sigmas_for(
     steps: int | tuple[float, ...] | None, config: dict[str, Any], task: str = "generate"
 ) -> list[float]:
     """Noise levels for a request: explicit sigmas, or a count mapped onto the model's schedule."""
-    from cmflow.diffusion.schedules import karras_sigmas
+    from cmflow.diffusion.noise_levels import karras_sigmas
 
     precond = config.get("precond", {})
     sigma_min, sigma_max = float(precond.get("sigma_min", 0.002)), float(precond.get("sigma_max", 80.0))
@@ -201,20 +201,6 @@ def sigmas_for(
     grid = karras_sigmas(count + 1 if task == "generate" else count, sigma_min, sigma_max).flip(0).tolist()
     # generate: drop the final sigma_min point (its noise std is 0 and f(x, sigma_min) = x)
     return [float(s) for s in (grid[:-1] if task == "generate" else grid)]
-
-
-def to_uint8(x: Any) -> Any:
-    """[-1, 1] float (N, C, H, W) -> uint8 numpy, EDM's quantisation x * 127.5 + 128."""
-    import torch
-
-    return (x * 127.5 + 128).clip(0, 255).to("cpu", torch.uint8).numpy()
-
-
-def from_uint8(images: Any, device: str = "cpu") -> Any:
-    """uint8 numpy (N, C, H, W) -> float32 tensor in [-1, 1]."""
-    import torch
-
-    return torch.as_tensor(images, device=device).to(torch.float32) / 127.5 - 1
 
 
 def _check_image(request: Request, channels: int, resolution: int) -> tuple[Any, int]:
@@ -243,22 +229,16 @@ def _check_image(request: Request, channels: int, resolution: int) -> tuple[Any,
     return image, factor
 
 
-def _labels(request: Request, num_classes: int, rng: Any, device: str) -> Any:
-    """Class labels (N,) for a conditional model: the request's, else drawn from the per-sample seeds."""
-    import torch
-
+def _class_labels(request: Request, num_classes: int) -> tuple[int, ...] | None:
+    """The request's class labels checked against the model (None: drawn per sample when conditional)."""
     if request.class_labels is None:
-        if not num_classes:
-            return None
-        return rng.randint(0, num_classes, (request.num_samples,)).reshape(-1).to(device)
+        return None
     if num_classes == 0:
         raise InputError("this model is unconditional; leave class_labels out")
     if any(not 0 <= v < num_classes for v in request.class_labels):
         raise InputError(f"class_labels must lie in [0, {num_classes}), got {list(request.class_labels)}")
     values = request.class_labels
-    if len(values) == 1:
-        values = values * request.num_samples
-    return torch.tensor(values, device=device)
+    return values * request.num_samples if len(values) == 1 else values
 
 
 def _edit(model: Any, request: Request, config: dict[str, Any], common: dict[str, Any], device: str) -> Any:
@@ -266,6 +246,7 @@ def _edit(model: Any, request: Request, config: dict[str, Any], common: dict[str
     import torch
 
     from cmflow.diffusion import editing
+    from cmflow.diffusion.generate import from_uint8
 
     channels, resolution = int(config["image"]["channels"]), int(config["image"]["resolution"])
     image, factor = _check_image(request, channels, resolution)
@@ -285,32 +266,59 @@ def _edit(model: Any, request: Request, config: dict[str, Any], common: dict[str
 
 
 def generate_images(model: Any, config: dict[str, Any], request: Request, device: str = "cpu") -> Any:
-    """Run one request on a loaded model (:func:`cmflow.models.io.load_model`); uint8 (N, C, H, W)."""
+    """Run one request on a loaded model (:func:`cmflow.models.io.load_model`); uint8 (N, C, H, W) numpy.
+
+    Generation goes through :func:`cmflow.diffusion.generate.sample_images`, the path every stage samples
+    with, so a seed gives the same images here as in ``teacher_sample`` and ``evaluate``.
+    """
     import torch
 
+    from cmflow.diffusion.generate import sample_images, to_uint8
     from cmflow.diffusion.rng import StackedRandomGenerator
-    from cmflow.diffusion.samplers import cm_sample, edm_sampler
 
     channels, resolution = int(config["image"]["channels"]), int(config["image"]["resolution"])
-    n = request.num_samples
-    # noise is drawn on the CPU (and moved), so a seed gives the same images on any device
-    rng = StackedRandomGenerator("cpu", [request.seed + i for i in range(n)])
-    labels = _labels(request, int(config.get("num_classes", 0) or 0), rng, device)
-    sigma_min = float(config.get("precond", {}).get("sigma_min", 0.002))
+    num_classes = int(config.get("num_classes", 0) or 0)
+    seeds = [request.seed + i for i in range(request.num_samples)]
+    labels = _class_labels(request, num_classes)
     model = model.to(device)
-    with torch.no_grad():
-        if config.get("kind") == "edm":
-            if request.task != "generate" or isinstance(request.steps, tuple):
-                raise InputError("an EDM teacher only samples (task generate, a step count); register a CM")
-            latents = rng.randn((n, channels, resolution, resolution)).to(device)
-            return to_uint8(edm_sampler(model, latents, num_steps=request.steps or 18, class_labels=labels))
-        if request.task != "generate":
-            common = {"generator": rng, "sigma_min": sigma_min, "class_labels": labels}
-            return to_uint8(_edit(model, request, config, common, device))
-        latents = rng.randn((n, channels, resolution, resolution)).to(device)  # (N, C, H, W)
+    shape = (channels, resolution, resolution)
+    if config.get("kind") == "edm":
+        if request.task != "generate" or isinstance(request.steps, tuple):
+            raise InputError("an EDM teacher only samples (task generate, a step count); register a CM")
+        images, _ = sample_images(
+            model,
+            seeds,
+            shape=shape,
+            method="edm",
+            num_steps=request.steps or 18,
+            num_classes=num_classes,
+            class_labels=labels,
+        )
+        return images.numpy()
+    if request.task == "generate":
         sigmas = sigmas_for(request.steps, config)
-        x = cm_sample(model, latents, sigmas, generator=rng, sigma_min=sigma_min, class_labels=labels)
-        return to_uint8(x)
+        images, _ = sample_images(
+            model,
+            seeds,
+            shape=shape,
+            method="cm",
+            sigmas=sigmas,
+            num_classes=num_classes,
+            class_labels=labels,
+        )
+        return images.numpy()
+    # editing (CM Algorithm 4): its noise comes from the same per-sample CPU generators
+    rng = StackedRandomGenerator("cpu", seeds)
+    drawn = (
+        labels
+        if labels is not None
+        else (rng.randint(0, num_classes, (len(seeds),)).tolist() if num_classes else None)
+    )
+    on_device = torch.tensor(drawn, device=device) if drawn is not None else None
+    sigma_min = float(config.get("precond", {}).get("sigma_min", 0.002))
+    common = {"generator": rng, "sigma_min": sigma_min, "class_labels": on_device}
+    with torch.no_grad():
+        return to_uint8(_edit(model, request, config, common, device)).cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,36 +445,6 @@ def log_pyfunc(
             pass
         raise
     return LoggedPyfunc(logged.model_id, f"models:/{logged.model_id}", logged.artifact_location)
-
-
-def load_pyfunc(model_uri: str, tracking_uri: str | None = None) -> Any:
-    """Load ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a model folder as a pyfunc model.
-
-    ``models:/`` URIs are resolved with an explicit client for ``tracking_uri`` (MLflow's own resolver
-    reads the process-global registry URI), then the files are downloaded into a temporary folder; the
-    weights are in memory once loaded, so the folder is removed again.
-    """
-    import tempfile
-
-    import mlflow.pyfunc
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
-
-    from cmflow.errors import RegistryError
-    from cmflow.registry import client_for, resolve_model_uri
-
-    if not model_uri.startswith("models:/"):
-        return mlflow.pyfunc.load_model(model_uri)
-    client = client_for(tracking_uri)
-    source = resolve_model_uri(client, model_uri).source
-    with tempfile.TemporaryDirectory(prefix="cmflow-load-") as tmp:
-        try:
-            local = download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=client.tracking_uri)
-            return mlflow.pyfunc.load_model(local)
-        except MlflowException as exc:
-            raise RegistryError(
-                f"cannot load {model_uri} from {source}: {exc.message.splitlines()[0]}"
-            ) from None
 
 
 if __name__ != "cmflow.serving":  # executed by MLflow as the logged model's code

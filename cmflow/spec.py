@@ -1,32 +1,36 @@
-"""The declared pipeline: pydantic v2 models, YAML loading, ``--set`` overrides and validation.
+"""The declared pipeline: pydantic v2 models, YAML reading and ``--set`` overrides.
 
 A pipeline is a name, a storage root, a tracking URI, a seed and a mapping of named stages. Each stage
-names its ``kind`` (a key of :data:`cmflow.stages.STAGES`), its ``params`` (validated by that kind's own
+names its ``kind`` (a key of :data:`cmflow.stages.table.STAGES`), its ``params`` (validated by that kind's own
 params model), its ``inputs`` (input name -> upstream stage name), its ``resources``, ``retries`` and
-``cache`` settings. ``load_spec`` returns a fully validated spec whose stage params carry every default,
-so that cache keys see the values actually used.
+``cache`` settings. This module knows nothing of the stage table; :func:`cmflow.validate.load_spec` checks
+a spec against it and returns one whose stage params carry every default, so that cache keys see the
+values actually used.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cmflow.errors import SpecError
+from cmflow.redact import redact
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-SECRET_RE = re.compile(
-    r"(secret|password|passwd|token|credential|(^|[_.-])key$|access_key|api_key|private_key)", re.IGNORECASE
-)
-NOT_SECRET = {"cache_key", "reference_key"}  # digests, not credentials
+DEFAULT_ROOT = "./cmflow-artifacts"
+
+
+def default_root(root: str | None = None) -> str:
+    """``root``, else ``$CMFLOW_ROOT``, else ./cmflow-artifacts; local paths made absolute."""
+    value = root or os.environ.get("CMFLOW_ROOT") or DEFAULT_ROOT
+    return value if "://" in value else str(Path(os.path.expanduser(value)).resolve())
 
 
 class _Model(BaseModel):
@@ -98,7 +102,7 @@ class StageSpec(_Model):
 
 
 class StorageSpec(_Model):
-    root: str = Field("./cmflow-artifacts", description="Local path, file:// or s3:// URI.")
+    root: str = Field(DEFAULT_ROOT, description="Local path, file:// or s3:// URI.")
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec storage options (endpoint_url, key, secret, ...); AWS_* env vars also work.",
@@ -194,33 +198,6 @@ class PipelineSpec(_Model):
 
 
 # --------------------------------------------------------------------------------------------------
-# Secrets
-
-
-def redact(value: Any) -> Any:
-    """Replace secret-looking values (keys named like secrets, passwords in URIs) by '***'."""
-    if isinstance(value, Mapping):
-        return {
-            k: ("***" if _is_secret_name(str(k)) and isinstance(v, str | bytes) else redact(v))
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        return redact_uri(value)
-    return value
-
-
-def _is_secret_name(name: str) -> bool:
-    return bool(SECRET_RE.search(name)) and name.rsplit(".", 1)[-1] not in NOT_SECRET
-
-
-def redact_uri(text: str) -> str:
-    """``scheme://user:password@host`` -> ``scheme://user:***@host``."""
-    return re.sub(r"(\w+://[^/:@\s]+):([^@/\s]+)@", r"\1:***@", text)
-
-
-# --------------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -280,120 +257,3 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the top level must be a mapping with 'name' and 'stages'")
     return data
-
-
-def load_spec(path: str | Path, overrides: Iterable[str] = (), *, resolve_paths: bool = True) -> PipelineSpec:
-    """Read, override and fully validate a pipeline spec file."""
-    raw = apply_overrides(read_yaml(path), overrides)
-    return validate_spec(raw, source=str(path), resolve_paths=resolve_paths)
-
-
-def validate_spec(raw: dict[str, Any], *, source: str = "spec", resolve_paths: bool = True) -> PipelineSpec:
-    """Validate structure, stage kinds, per-kind params and the stage graph; fill in param defaults."""
-    from cmflow.stages import STAGES  # stage modules import torch lazily, so this is cheap
-
-    try:
-        spec = PipelineSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise SpecError(_one_line(exc, source, PipelineSpec)) from None
-
-    stages: dict[str, StageSpec] = {}
-    for name, stage in spec.stages.items():
-        definition = STAGES.get(stage.kind)
-        if definition is None:
-            hint = difflib.get_close_matches(stage.kind, STAGES, n=1)
-            maybe = f"did you mean {hint[0]!r}? " if hint else ""
-            raise SpecError(
-                f"{source}: stages.{name}.kind {stage.kind!r} is not a stage kind; {maybe}"
-                f"known kinds: {', '.join(sorted(STAGES))}"
-            )
-        try:
-            params = definition.params_model.model_validate(stage.params)
-        except ValidationError as exc:
-            raise SpecError(
-                _one_line(exc, source, definition.params_model, prefix=f"stages.{name}.params")
-            ) from None
-        for ignored in stage.cache.ignore:
-            if ignored not in definition.params_model.model_fields:
-                raise SpecError(
-                    f"{source}: stages.{name}.cache.ignore names {ignored!r}, which is not a param of "
-                    f"{stage.kind}; params are: {', '.join(definition.params_model.model_fields)}"
-                )
-        for input_name, upstream in stage.inputs.items():
-            if input_name not in definition.inputs and input_name not in definition.optional_inputs:
-                accepted = ", ".join(definition.inputs + definition.optional_inputs) or "none"
-                raise SpecError(
-                    f"{source}: stages.{name}.inputs.{input_name}: {stage.kind} takes no input "
-                    f"{input_name!r}; it takes: {accepted}"
-                )
-            if upstream not in spec.stages:
-                raise SpecError(
-                    f"{source}: stages.{name}.inputs.{input_name} names stage {upstream!r}, which is not "
-                    f"declared; stages are: {', '.join(spec.stages)}"
-                )
-            if upstream == name:
-                raise SpecError(f"stages form a cycle: {name} -> {name}; a stage cannot be its own input")
-        missing = [i for i in definition.inputs if i not in stage.inputs]
-        if missing:
-            raise SpecError(
-                f"{source}: stages.{name} ({stage.kind}) needs input(s) {', '.join(missing)}; "
-                f"add e.g. inputs: {{{missing[0]}: <upstream stage>}}"
-            )
-        stages[name] = stage.model_copy(update={"params": params.model_dump(mode="json")})
-
-    root = spec.storage.root
-    if resolve_paths and "://" not in root:
-        root = str(Path(os.path.expanduser(root)).resolve())
-    spec = spec.model_copy(
-        update={"stages": stages, "storage": spec.storage.model_copy(update={"root": root})}
-    )
-    spec.topological_order()  # raises on cycles
-    return spec
-
-
-def _one_line(exc: ValidationError, source: str, model: type[BaseModel], prefix: str = "") -> str:
-    """Turn the first pydantic error into ``source: a.b.c: message; fix``."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(err["loc"]))
-    more = exc.error_count() - 1
-    tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-    if err["type"] == "extra_forbidden":
-        field = str(err["loc"][-1])
-        parent = _model_at(model, err["loc"][:-1])
-        known = list(parent.model_fields) if parent else []
-        hint = difflib.get_close_matches(field, known, n=1)
-        maybe = f"did you mean {hint[0]!r}? " if hint else ""
-        return f"{source}: {loc} is not a known field; {maybe}allowed: {', '.join(known)}{tail}"
-    if err["type"] == "missing":
-        return f"{source}: {loc} is required; add it (see `cmflow schema`){tail}"
-    given = err.get("input")
-    shown = "" if isinstance(given, dict | list) else f" (got {given!r})"
-    return f"{source}: {loc}: {err['msg']}{shown}; fix the value (see `cmflow schema`){tail}"
-
-
-def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """Follow a pydantic error location through nested models (dict keys are skipped)."""
-    current: Any = model
-    for part in loc:
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            field = current.model_fields.get(str(part))
-            if field is None:
-                continue  # a dict key such as a stage name
-            annotation = field.annotation
-            args = getattr(annotation, "__args__", ())
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                current = annotation
-            elif args and isinstance(args[-1], type) and issubclass(args[-1], BaseModel):
-                current = args[-1]  # dict[str, Model]
-            else:
-                return None
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def json_schema() -> dict[str, Any]:
-    """The pipeline JSON Schema plus each stage kind's params schema under ``stageParams``."""
-    from cmflow.stages import STAGES
-
-    schema = PipelineSpec.model_json_schema()
-    schema["stageParams"] = {kind: d.params_model.model_json_schema() for kind, d in sorted(STAGES.items())}
-    return schema

@@ -11,11 +11,8 @@ so tests call it directly with a hand-made context.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import inspect
 import json
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,23 +39,15 @@ class StageDef:
     inputs: tuple[str, ...] = ()
     optional_inputs: tuple[str, ...] = ()
     cache_ignore: tuple[str, ...] = ()
-    code_deps: tuple[str, ...] = ()
     distributed: bool = False  # runs its own Ray Train workers; the stage task itself takes no CPU/GPU
     description: str = ""
 
-    def code_fingerprint(self) -> str:
-        """sha256 over the source of the stage's module and of each module named in ``code_deps``."""
-        digest = hashlib.sha256()
-        for module_name in (self.fn.__module__, *self.code_deps):
-            module = sys.modules.get(module_name) or importlib.import_module(module_name)
-            digest.update(module_name.encode())
-            try:
-                digest.update(inspect.getsource(module).encode())
-            except (OSError, TypeError):  # no source (frozen, zipped): fall back to the cmflow version
-                from cmflow import __version__
+    def code_fingerprint(self) -> dict[str, Any]:
+        """The stage's code as cache-key components: its module's import closure, package data, versions
+        (:func:`cmflow.fingerprint.fingerprint`)."""
+        from cmflow.fingerprint import fingerprint
 
-                digest.update(__version__.encode())
-        return digest.hexdigest()
+        return fingerprint(self.fn.__module__).components()
 
 
 def stage(
@@ -69,7 +58,6 @@ def stage(
     inputs: tuple[str, ...] = (),
     optional_inputs: tuple[str, ...] = (),
     cache_ignore: tuple[str, ...] = (),
-    code_deps: tuple[str, ...] = (),
     distributed: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Record a stage's kind, params model, version and inputs on the function (``fn.stage_def``).
@@ -87,7 +75,6 @@ def stage(
             inputs=inputs,
             optional_inputs=optional_inputs,
             cache_ignore=cache_ignore,
-            code_deps=code_deps,
             distributed=distributed,
             description=inspect.getdoc(fn) or "",
         )
@@ -153,6 +140,7 @@ class StageContext:
     tracking: Mapping[str, Any] | None = None
     reporter: Reporter | None = None
     _metrics: list[dict[str, Any]] = field(default_factory=list)
+    _timings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def num_threads(self) -> int:
@@ -164,12 +152,38 @@ class StageContext:
             self.reporter(self.stage, {"done": done, "total": total, **info})
 
     def log_metrics(self, step: int, **metrics: float) -> None:
-        """Record per-step metrics: kept for the manifest's metrics.jsonl, the live display and MLflow."""
+        """Record per-step results (losses): kept in the artifact's metrics.jsonl, shown live, sent to MLflow.
+
+        Only values that a recompute reproduces belong here; timings go to :meth:`log_timing`.
+        """
         row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         self._metrics.append(row)
+        if self.reporter is not None:
+            self.reporter(self.stage, {"metrics": row})
+
+    def log_timing(self, step: int = 0, **values: float) -> None:
+        """Record how fast the stage ran (img/s, seconds per phase): shown live, sent to MLflow and kept in
+        the run record, never in the artifact, so a recompute writes identical bytes and downstream stages
+        still hit the cache."""
+        row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        self._timings.append(row)
         if self.reporter is not None:
             self.reporter(self.stage, {"metrics": row})
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
         return list(self._metrics)
+
+    @property
+    def timing_rows(self) -> list[dict[str, Any]]:
+        return list(self._timings)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Each timing value averaged over the rows that logged it (what the run record keeps)."""
+        sums: dict[str, list[float]] = {}
+        for row in self._timings:
+            for key, value in row.items():
+                if key != "step":
+                    sums.setdefault(key, []).append(float(value))
+        return {key: round(sum(v) / len(v), 4) for key, v in sums.items()}

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from cmflow import __version__
 from cmflow.errors import InputError, StorageError, TransientError
-from cmflow.spec import redact_uri
+from cmflow.redact import redact_uri
 
 T = TypeVar("T")
 MANIFEST = "manifest.json"

@@ -34,16 +34,17 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import yaml
 
+from cmflow.engine.records import utcnow
 from cmflow.errors import ClusterError, CmflowError, StageError, UsageError
+from cmflow.redact import redact_uri
 from cmflow.schedule import DuplicateSubmission, Schedule
-from cmflow.spec import PipelineSpec, redact_uri
+from cmflow.spec import PipelineSpec
 from cmflow.storage import Storage
 
 FORWARD_ENV = (
@@ -67,10 +68,6 @@ FIXED_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1"}
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 SPEC_FILE = "spec.yaml"
-
-
-def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,7 +423,8 @@ def resubmit(
     forward_credentials: bool = True,
 ) -> Submission:
     """``cmflow resume`` of a submitted run: a new job ``<run_id>-r<n>`` running the same cmflow run id."""
-    from cmflow.spec import apply_overrides, validate_spec
+    from cmflow.spec import apply_overrides
+    from cmflow.validate import validate_spec
 
     sub = require_submission(storage, run_id)
     target = ClusterTarget(sub.address, token)
@@ -538,7 +536,7 @@ def wait_for(
 
 
 def _schedule_spec(schedule: Schedule) -> PipelineSpec:
-    from cmflow.spec import validate_spec
+    from cmflow.validate import validate_spec
 
     return validate_spec(schedule.spec, source=f"schedule {schedule.id}")
 

@@ -17,8 +17,12 @@ def explain(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
     stage: Annotated[str, typer.Argument(help="Stage name.")],
     root: RootOpt = None,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Also list the components that did not change.")
+    ] = False,
 ) -> None:
-    """Print each cache-key component of STAGE in RUN and which differ from the previous run of it."""
+    """Show how STAGE's cache key in RUN differs from the latest earlier run of it: each changed component
+    (a param, an input digest, a code module, a data file, a library version) with its old and new value."""
     from rich.console import Console
     from rich.table import Table
 
@@ -35,17 +39,27 @@ def explain(
     if not srec.components:
         raise UsageError(f"stage {stage!r} of run {run_id} never computed a key (status {srec.status})")
     previous = previous_stage_record(storage, record, stage)
-    table = Table(
-        title=f"{stage} in {run_id}: {srec.status} (key {srec.cache_key[:16]})"
-        + (f" — {srec.reason}" if srec.reason else ""),
-        title_justify="left",
+    rows = cache.explain(srec.components, previous[1].components if previous else None)
+    changed = [r for r in rows if r.status != "same"]
+    against = f"run {previous[0]}" if previous else "no earlier run of this stage"
+    console = Console()
+    console.print(
+        f"{stage} in {run_id}: {srec.status}, key {srec.cache_key[:16]}"
+        + (f" — {srec.reason}" if srec.reason else "")
+        + f"; compared with {against}: {len(changed)} of {len(rows)} components differ"
     )
-    for column in ("component", "value", "vs previous run"):
-        table.add_column(column)
-    for name, value, state in cache.explain(srec.components, previous.components if previous else None):
-        style = {"changed": "red", "same": "green"}.get(state, "dim")
-        table.add_row(name, value, f"[{style}]{state}[/]")
-    Console().print(table)
+    shown = rows if show_all or previous is None else changed
+    if not shown:
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("component", "previous", "now", ""):
+        table.add_column(column, overflow="fold")
+    for row in shown:
+        style = {"same": "green", "new": "yellow"}.get(row.status, "red")
+        table.add_row(
+            row.component, cache.short(row.previous), cache.short(row.value), f"[{style}]{row.status}[/]"
+        )
+    console.print(table)
 
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")

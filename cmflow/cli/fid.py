@@ -98,7 +98,7 @@ def _images_from_arrays(arrays: dict[str, Any], where: str) -> Any:
 def load_images(uri: str) -> Any:
     """uint8 (N, C, H, W) images of an .npz or an image folder at ``uri``."""
     from cmflow.data.sources import read_image_folder
-    from cmflow.spec import redact_uri
+    from cmflow.redact import redact_uri
     from cmflow.storage import open_uri
 
     if _is_folder(uri):
@@ -109,7 +109,7 @@ def load_images(uri: str) -> Any:
 def _load_ref(uri: str) -> tuple[Any | None, Any | None]:
     """(ReferenceStats, None) for a statistics .npz, or (None, images) for images."""
     from cmflow.metrics.reference import stats_from_bytes
-    from cmflow.spec import redact_uri
+    from cmflow.redact import redact_uri
     from cmflow.storage import open_uri
 
     if _is_folder(uri):
@@ -220,7 +220,7 @@ def stats(
     from cmflow.data.images import dataset_digest
     from cmflow.errors import UsageError
     from cmflow.metrics.reference import stats_digest, stats_to_bytes
-    from cmflow.spec import redact_uri
+    from cmflow.redact import redact_uri
 
     net = _extractor(extractor, weights)
     pictures = load_images(images)
@@ -266,7 +266,7 @@ def score(
     """Print FID of IMAGES against --ref (and KID, precision/recall when --ref holds images too)."""
     from cmflow.errors import UsageError
     from cmflow.metrics.stats import fid_from_stats, kid, precision_recall
-    from cmflow.spec import redact_uri
+    from cmflow.redact import redact_uri
 
     net = _extractor(extractor, weights)
     ref_stats, ref_images = _load_ref(ref)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Annotated, Any
 
 import typer
@@ -22,21 +21,16 @@ AliasOpt = Annotated[str, typer.Option("--alias", help="The production alias.")]
 
 
 def tracking_uri(value: str | None) -> str:
-    """The URI the models commands use: the option, $MLFLOW_TRACKING_URI, or the default SQLite store."""
-    from cmflow.registry import sqlite_uri_for_root
+    """The URI the models commands use (:func:`cmflow.mlflow_client.resolve_tracking_uri`)."""
+    from cmflow.mlflow_client import resolve_tracking_uri
 
-    if value:
-        return value
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    root = os.environ.get("CMFLOW_ROOT") or "./cmflow-artifacts"
-    return sqlite_uri_for_root(root)
+    return resolve_tracking_uri(value)
 
 
 def _client(value: str | None) -> Any:
-    from cmflow.registry import client_for
+    from cmflow.mlflow_client import client_for
 
-    return client_for(tracking_uri(value))
+    return client_for(value)
 
 
 def _when(ms: int | None) -> str:

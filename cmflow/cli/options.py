@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -33,5 +32,6 @@ AddressOpt = Annotated[
 
 
 def default_root(root: str | None) -> str:
-    value = root or os.environ.get("CMFLOW_ROOT") or "./cmflow-artifacts"
-    return value if "://" in value else str(Path(value).expanduser().resolve())
+    from cmflow.spec import default_root as resolve
+
+    return resolve(root)

@@ -22,7 +22,7 @@ def run(
     ] = None,
 ) -> None:
     """Run a pipeline: cached stages are skipped, the rest run as Ray tasks. Prints a summary table."""
-    from cmflow.spec import load_spec
+    from cmflow.validate import load_spec
 
     spec = load_spec(spec_path, set_ or [])
     _run(spec, no_cache or [], address, run_id)
@@ -67,8 +67,9 @@ def resume(
     """Re-run a run's spec snapshot under the same run id: finished stages are cache hits."""
     from cmflow.cli.submit import resume_submitted
     from cmflow.engine.records import RunRecord
-    from cmflow.spec import apply_overrides, validate_spec
+    from cmflow.spec import apply_overrides
     from cmflow.storage import Storage
+    from cmflow.validate import validate_spec
 
     if resume_submitted(Storage(default_root(root)), run_id, set_ or []):
         return  # a run submitted to a cluster is resubmitted there
@@ -83,7 +84,7 @@ def plan(spec_path: SpecArg, set_: SetOpt = None, no_cache: NoCacheOpt = None) -
     from rich.table import Table
 
     from cmflow.engine import plan as make_plan
-    from cmflow.spec import load_spec
+    from cmflow.validate import load_spec
 
     spec = load_spec(spec_path, set_ or [])
     table = Table(title=f"plan: {spec.name}", title_justify="left")
@@ -97,7 +98,7 @@ def plan(spec_path: SpecArg, set_: SetOpt = None, no_cache: NoCacheOpt = None) -
 
 def validate(spec_path: SpecArg, set_: SetOpt = None) -> None:
     """Validate a spec: fields, stage kinds and params, inputs and cycles. Exit 2 with one line if bad."""
-    from cmflow.spec import load_spec
+    from cmflow.validate import load_spec
 
     spec = load_spec(spec_path, set_ or [])
     typer.echo(
@@ -144,7 +145,7 @@ def schema(
 ) -> None:
     """Print the pipeline spec's JSON Schema (with every stage kind's params schema)."""
     from cmflow.errors import UsageError
-    from cmflow.spec import json_schema
+    from cmflow.validate import json_schema
 
     data = json_schema()
     if stage is not None:

@@ -73,7 +73,7 @@ def read_mask(path: Path) -> Any:
 
 def _predict(model_uri: str, uri: str | None, request: dict[str, Any]) -> Any:
     from cmflow.errors import InputError
-    from cmflow.serving import load_pyfunc
+    from cmflow.registry import load_pyfunc
 
     model = load_pyfunc(model_uri, tracking_uri(uri) if model_uri.startswith("models:/") else uri)
     try:
@@ -98,7 +98,7 @@ def sample(
     tracking_uri_: TrackingOpt = None,
 ) -> None:
     """Generate images with a registered consistency model and save them as a PNG grid."""
-    from cmflow.stages.grid import save_grid
+    from cmflow.data.images import save_grid
 
     request: dict[str, Any] = {
         "task": "generate",
@@ -130,8 +130,8 @@ def edit(
     tracking_uri_: TrackingOpt = None,
 ) -> None:
     """Zero-shot editing (CM Algorithm 4): inpaint, colorize or super-resolve an image; writes a PNG grid."""
+    from cmflow.data.images import save_grid
     from cmflow.errors import UsageError
-    from cmflow.stages.grid import save_grid
 
     request: dict[str, Any] = {
         "task": task.value,

@@ -51,8 +51,8 @@ def create(
     from datetime import datetime, timezone
 
     from cmflow.schedule import create_schedule, iso, new_schedule, next_fire_time
-    from cmflow.spec import load_spec
     from cmflow.storage import Storage
+    from cmflow.validate import load_spec
 
     spec = load_spec(spec_path, set_ or [])
     if cron is None and trigger_manifest is None:

@@ -73,8 +73,8 @@ def submit(
     ] = False,
 ) -> None:
     """Run a pipeline on a Ray cluster as a Ray job (submission id = run id; a second submit is refused)."""
-    from cmflow.spec import load_spec
     from cmflow.submit import parse_env, submit_spec, target_for
+    from cmflow.validate import load_spec
 
     spec = load_spec(spec_path, set_ or [])
     target = target_for(address, token_file)

@@ -1,4 +1,4 @@
-"""Image-array helpers: uint8 <-> [-1, 1] floats, resizing, flips and the dataset content digest.
+"""Image-array helpers: resizing, flips, the dataset content digest and sample grids as PNG.
 
 Arrays are uint8 (N, C, H, W) with C = 1 (grey) or 3 (RGB), the layout every cmflow stage exchanges.
 """
@@ -6,7 +6,8 @@ Arrays are uint8 (N, C, H, W) with C = 1 (grey) or 3 (RGB), the layout every cmf
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import math
+from pathlib import Path
 
 import numpy as np
 
@@ -63,13 +64,33 @@ def dataset_digest(images: np.ndarray, labels: np.ndarray | None) -> str:
     return digest.hexdigest()
 
 
-def to_float(images: Any) -> Any:
-    """uint8 tensor/array in [0, 255] -> float32 in [-1, 1] (x / 127.5 - 1)."""
-    return images.float() / 127.5 - 1 if hasattr(images, "float") else images.astype(np.float32) / 127.5 - 1
+def grid_image(images: np.ndarray, cols: int = 8, *, min_tile: int = 32, pad: int = 2) -> np.ndarray:
+    """Tile uint8 (N, C, H, W) images into one (rows, cols) grid array of shape (H', W', C).
+
+    Each image is upscaled by the smallest integer s with s * max(H, W) >= ``min_tile`` (nearest neighbour,
+    so 8x8 digits stay crisp) and tiles are separated by ``pad`` pixels of mid grey, so neighbouring images
+    never run together. ``cols`` is capped by the number of images.
+    """
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {images.shape}")
+    n, c, h, w = images.shape
+    cols = max(1, min(cols, n))
+    rows = math.ceil(n / cols)
+    scale = max(1, math.ceil(min_tile / max(h, w)))
+    th, tw = h * scale, w * scale
+    grid = np.full((rows * th + (rows - 1) * pad, cols * tw + (cols - 1) * pad, c), 128, dtype=np.uint8)
+    tiles = images.repeat(scale, axis=2).repeat(scale, axis=3).transpose(0, 2, 3, 1)  # (N, H s, W s, C)
+    for i, tile in enumerate(tiles):
+        top, left = (i // cols) * (th + pad), (i % cols) * (tw + pad)
+        grid[top : top + th, left : left + tw] = tile
+    return grid
 
 
-def to_uint8(x: Any) -> Any:
-    """float tensor in [-1, 1] -> uint8 tensor, rounding: ((x + 1) 127.5).round().clamp(0, 255)."""
-    import torch
+def save_grid(images: np.ndarray, path: str | Path, cols: int = 8) -> None:
+    """Write uint8 (N, C, H, W) images (grey or RGB) as a PNG grid of ``cols`` columns (deterministic bytes)."""
+    from PIL import Image
 
-    return ((x.to(torch.float32) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    grid = grid_image(images, cols)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
+        str(path), format="PNG", optimize=False
+    )

@@ -28,7 +28,7 @@ import numpy as np
 from cmflow.data.images import check_images, resize_images
 from cmflow.data.safe_pickle import UnsafePickleError, restricted_loads
 from cmflow.errors import InputError
-from cmflow.spec import redact_uri
+from cmflow.redact import redact_uri
 from cmflow.storage import open_uri
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")

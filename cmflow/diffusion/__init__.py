@@ -1,4 +1,4 @@
-"""Consistency-model and EDM math: schedules, solvers, samplers, losses, EMA, RNG and editing.
+"""Consistency-model and EDM math: noise levels, solvers, samplers, losses, EMA, RNG and editing.
 
 Imports only torch, numpy, scipy and the standard library (no orchestration packages).
 """
@@ -15,15 +15,7 @@ from cmflow.diffusion.editing import (
 )
 from cmflow.diffusion.ema import ema_rate_from_halflife, ema_update, ema_warmup_rate
 from cmflow.diffusion.losses import CDLoss, CTLoss, EDMLoss, ICTLoss, default_huber_c, distance
-from cmflow.diffusion.rng import (
-    StackedRandomGenerator,
-    call_with_shared_rng,
-    randn,
-    randn_like,
-    seed_batches,
-)
-from cmflow.diffusion.samplers import cm_sample, cm_sigmas_from_indices, edm_sampler, ternary_search_midpoint
-from cmflow.diffusion.schedules import (
+from cmflow.diffusion.noise_levels import (
     ct_ema_rate,
     ct_num_steps,
     ict_index_probs,
@@ -32,6 +24,14 @@ from cmflow.diffusion.schedules import (
     sample_lognormal_indices,
     sample_uniform_indices,
 )
+from cmflow.diffusion.rng import (
+    StackedRandomGenerator,
+    call_with_shared_rng,
+    randn,
+    randn_like,
+    seed_batches,
+)
+from cmflow.diffusion.samplers import cm_sample, cm_sigmas_from_indices, edm_sampler, ternary_search_midpoint
 from cmflow.diffusion.solvers import euler_step, heun_step
 
 __all__ = [

@@ -10,7 +10,7 @@ EMA updates belong to the training loop.
 * :class:`ICTLoss` -- improved CT (iCT): target = stop-grad(student) (mu = 0), pseudo-Huber metric,
   discretised lognormal noise levels, lambda = 1 / (t_{n+1} - t_n).
 
-Grid conventions are those of :mod:`cmflow.diffusion.schedules` (ascending, pair index n in {0..N-2}).
+Grid conventions are those of :mod:`cmflow.diffusion.noise_levels` (ascending, pair index n in {0..N-2}).
 Networks are called as ``net(x, sigma, class_labels=...)`` with ``sigma`` of shape (B, 1, 1, 1). The online
 and target consistency evaluations run through :func:`~cmflow.diffusion.rng.call_with_shared_rng`, so they
 see the same dropout masks, drawn from the generator of the device the inputs (and so the model) live on.
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cmflow.diffusion.noise_levels import karras_sigmas, sample_lognormal_indices, sample_uniform_indices
 from cmflow.diffusion.rng import Generator, call_with_shared_rng, randn, randn_like
-from cmflow.diffusion.schedules import karras_sigmas, sample_lognormal_indices, sample_uniform_indices
 from cmflow.diffusion.solvers import heun_step
 
 __all__ = ["CDLoss", "CTLoss", "EDMLoss", "ICTLoss", "default_huber_c", "distance"]
@@ -223,7 +223,7 @@ class CTLoss(_ConsistencyLoss):
     n ~ U{0..N-2}, z ~ N(0, I); student input x + t_{n+1} z, target input x + t_n z (the same z). This is
     the Euler step of CD with D(x_t, t) replaced by the clean sample x:
     x_{t_{n+1}} + (t_n - t_{n+1}) (x_{t_{n+1}} - x) / t_{n+1} = x + t_n z (reference Sec. 2.2).
-    ``num_scales`` may be given per call (curriculum N(k), :func:`~cmflow.diffusion.schedules.ct_num_steps`).
+    ``num_scales`` may be given per call (curriculum N(k), :func:`~cmflow.diffusion.noise_levels.ct_num_steps`).
     """
 
     def __init__(
@@ -263,10 +263,12 @@ class ICTLoss(CTLoss):
 
     Differences from :class:`CTLoss`: the target is the student itself under stop-gradient (mu = 0, no EMA
     teacher), d = pseudo-Huber on the per-sample norm with c = 0.00054 sqrt(d), n drawn from the discretised
-    lognormal (P_mean = -1.1, P_std = 2.0; :func:`~cmflow.diffusion.schedules.ict_index_probs`) and
-    lambda = 1 / (t_{n+1} - t_n). ``num_scales`` follows :func:`~cmflow.diffusion.schedules.ict_num_steps`.
+    lognormal (P_mean = -1.1, P_std = 2.0; :func:`~cmflow.diffusion.noise_levels.ict_index_probs`) and
+    lambda = 1 / (t_{n+1} - t_n). ``num_scales`` follows :func:`~cmflow.diffusion.noise_levels.ict_num_steps`.
 
-    ``__call__(student, images, num_scales=None, class_labels=None, generator=None)``.
+    ``__call__(student, images, num_scales=None, class_labels=None, generator=None, target=None)``; the
+    target is ``student`` under no_grad unless ``target`` names the same weights in another module (the bare
+    network when ``student`` is its DistributedDataParallel wrapper, so the target pass does not sync).
     """
 
     def __init__(
@@ -295,5 +297,8 @@ class ICTLoss(CTLoss):
         num_scales: int | None = None,
         class_labels: Tensor | None = None,
         generator: Generator | None = None,
+        target: Net | None = None,
     ) -> Tensor:
-        return super().__call__(student, student, images, num_scales, class_labels, generator)
+        return super().__call__(
+            student, student if target is None else target, images, num_scales, class_labels, generator
+        )

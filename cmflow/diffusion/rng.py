@@ -23,6 +23,7 @@ __all__ = [
     "StackedRandomGenerator",
     "call_with_shared_rng",
     "get_rng_state",
+    "mix_seed",
     "module_device",
     "rand",
     "randint",
@@ -144,6 +145,15 @@ def randint(
     return torch.randint(low, high, tuple(size), generator=generator, device=_gen_device(generator)).to(
         device
     )
+
+
+def mix_seed(param_seed: int, pipeline_seed: int) -> int:
+    """The seed of one stage: its own ``seed`` param combined with the pipeline's ``seed``.
+
+    ``param_seed * 1_000_003 + pipeline_seed`` (1 000 003 is prime), so changing either seed changes every
+    random draw of the stage, and distinct (param, pipeline) pairs below 10^6 never collide.
+    """
+    return int(param_seed) * 1_000_003 + int(pipeline_seed)
 
 
 def seed_batches(seeds: Sequence[int], max_batch_size: int) -> list[list[int]]:

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from cmflow.diffusion.noise_levels import karras_sigmas
 from cmflow.diffusion.rng import Generator, randn_like
-from cmflow.diffusion.schedules import karras_sigmas
 from cmflow.diffusion.solvers import Denoiser
 
 __all__ = ["cm_sample", "cm_sigmas_from_indices", "edm_sampler", "ternary_search_midpoint"]

@@ -20,7 +20,7 @@ from cmflow.engine.records import RunRecord, StageRecord, check_run_id, new_run_
 from cmflow.engine.worker import StageTask
 from cmflow.errors import CmflowError, StageError, TransientError, UsageError
 from cmflow.spec import PipelineSpec
-from cmflow.stages import STAGES
+from cmflow.stages.table import STAGES
 from cmflow.storage import Manifest, Storage
 
 Listener = Callable[[RunRecord, dict[str, dict[str, Any]]], None]
@@ -235,6 +235,7 @@ def run_pipeline(
                     continue
                 data = json.loads(text)
                 srec.node_id = data.pop("node_id", "") or ""
+                srec.timings = data.pop("timings", None) or {}
                 text = json.dumps(data)
                 manifest = Manifest.from_json(text)
                 _finish(srec, "done", manifest)
@@ -298,10 +299,10 @@ def _cause(exc: BaseException) -> BaseException:
 
 
 def _pipeline_tracker(spec: PipelineSpec, record: RunRecord) -> Any:
-    """MLflow tracking for this run, when enabled (see :mod:`cmflow.tracking`)."""
+    """MLflow tracking for this run, when enabled (see :mod:`cmflow.engine.tracking`)."""
     if not spec.tracking.enabled:
         return None
-    from cmflow.tracking import PipelineTracker
+    from cmflow.engine.tracking import PipelineTracker
 
     return PipelineTracker.start(spec, record)
 

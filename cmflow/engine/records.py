@@ -52,6 +52,7 @@ class StageRecord:
     error: str = ""
     traceback: str = ""
     node_id: str = ""  # the Ray node the stage's task ran on
+    timings: dict[str, float] = field(default_factory=dict)  # img/s, seconds per phase: never in artifacts
 
 
 @dataclass
@@ -123,11 +124,11 @@ def list_runs(storage: Storage) -> list[RunRecord]:
     return sorted(runs, key=lambda r: r.created_at)
 
 
-def previous_stage_record(storage: Storage, run: RunRecord, stage: str) -> StageRecord | None:
-    """The same stage in the latest earlier run of the same pipeline that computed a key for it."""
+def previous_stage_record(storage: Storage, run: RunRecord, stage: str) -> tuple[str, StageRecord] | None:
+    """(run id, record) of the same stage in the latest earlier run of the pipeline that computed its key."""
     earlier = [r for r in list_runs(storage) if r.pipeline == run.pipeline and r.created_at < run.created_at]
     for other in reversed(earlier):
         record = other.stages.get(stage)
         if record and record.components:
-            return record
+            return other.run_id, record
     return None

@@ -75,7 +75,7 @@ def execute_stage(task: StageTask) -> str:
     Stage errors become :class:`StageError` (not retried); storage/network failures stay
     :class:`TransientError` (retried by Ray).
     """
-    from cmflow.stages import STAGES
+    from cmflow.stages.table import STAGES
 
     definition = STAGES[task.kind]
     storage = Storage(task.storage_root, task.storage_options, retries=task.storage_retries)
@@ -123,13 +123,14 @@ def execute_stage(task: StageTask) -> str:
                 tracker.finish(status="FAILED")
             raise exc
         if tracker is not None:
-            tracker.log_outputs(manifest, ctx.metrics)
+            tracker.log_outputs(manifest, ctx.metrics + ctx.timing_rows)
             tracker.finish(status="FINISHED")
         if reporter is not None:
             reporter.flush(task.stage)
         data = json.loads(manifest.to_json())
         data["uri"] = manifest.uri
         data["node_id"] = _node_id()
+        data["timings"] = ctx.timings  # run-record only: never part of the artifact
         return json.dumps(data)
     except (TransientError, StageError):
         raise
@@ -157,9 +158,9 @@ def _node_id() -> str:
 
 
 def _stage_tracker(task: StageTask, ctx: StageContext) -> Any:
-    """A child MLflow run for this stage when the pipeline tracks (see :mod:`cmflow.tracking`)."""
+    """A child MLflow run for this stage when the pipeline tracks (see :mod:`cmflow.engine.tracking`)."""
     if not task.tracking:
         return None
-    from cmflow.tracking import StageTracker
+    from cmflow.engine.tracking import StageTracker
 
     return StageTracker.start(task.tracking, task, ctx)

@@ -112,7 +112,7 @@ def load_digits_net(weights: bytes | str | os.PathLike[str] | None = None) -> tu
         if sha != expected:
             raise ValueError(
                 f"shipped digits weights are corrupt: sha256 {sha} != recorded {expected}; "
-                "retrain with `python -m cmflow.metrics.train_digits_net --out cmflow/metrics/weights`"
+                "retrain with `python scripts/train_digits_net.py --out cmflow/metrics/weights`"
             )
         weights = data
     state_dict, sha = read_state_dict(weights)

@@ -1,4 +1,4 @@
-"""Evaluation figures: FID versus NFE (matplotlib, Agg canvas) and sample grids (Pillow).
+"""The evaluation figure: FID versus NFE (matplotlib, Agg canvas). Sample grids: :func:`cmflow.data.images.save_grid`.
 
 No pyplot and no global backend switch: figures are drawn on a ``matplotlib.figure.Figure`` with its own
 Agg canvas, so importing or calling this module changes nothing for anyone else in the process.
@@ -6,14 +6,13 @@ Agg canvas, so importing or calling this module changes nothing for anyone else 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FidPoint", "grid_array", "save_fid_vs_nfe", "save_grid"]
+__all__ = ["FidPoint", "save_fid_vs_nfe"]
 
 
 @dataclass(frozen=True)
@@ -75,26 +74,3 @@ def save_fid_vs_nfe(points: Sequence[FidPoint], path: str | Path, title: str = "
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(str(path), format="png", metadata={"Software": None})
-
-
-def grid_array(images: np.ndarray, cols: int, min_tile: int = 32) -> np.ndarray:
-    """Tile uint8 (N, C, H, W) into one (rows*H*s, cols*W*s, C) array, upscaled by s >= 1 (nearest)."""
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {images.shape}")
-    n, c, h, w = images.shape
-    cols = max(1, min(cols, n))
-    scale = max(1, math.ceil(min_tile / max(h, w)))
-    rows = math.ceil(n / cols)
-    tiles = np.zeros((rows * cols, c, h, w), dtype=np.uint8)
-    tiles[:n] = images
-    tiles = tiles.repeat(scale, axis=2).repeat(scale, axis=3)
-    grid = tiles.reshape(rows, cols, c, h * scale, w * scale).transpose(0, 3, 1, 4, 2)  # rows, H, cols, W, C
-    return grid.reshape(rows * h * scale, cols * w * scale, c)
-
-
-def save_grid(images: np.ndarray, path: str | Path, cols: int = 8) -> None:
-    """Write uint8 (N, C, H, W) images (grey or RGB) as a PNG grid of ``cols`` columns."""
-    from PIL import Image
-
-    grid = grid_array(images, cols)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(str(path), format="PNG")

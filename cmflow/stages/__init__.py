@@ -1,30 +1,6 @@
-"""The stage table: stage kind -> :class:`cmflow.stage.StageDef`, written out explicitly.
+"""Stage kinds: one module per kind (or per family), listed in :data:`cmflow.stages.table.STAGES`.
 
-Stage modules import torch and other heavy libraries inside their functions, so importing this table
-(for spec validation or ``cmflow --help``) stays cheap.
+This package file imports nothing: a stage's code fingerprint is the import closure of its own module
+(:mod:`cmflow.fingerprint`), and a package ``__init__`` that imported every stage would put every stage's
+code into every fingerprint.
 """
-
-from __future__ import annotations
-
-from cmflow.stage import StageDef
-from cmflow.stages import demo, distill, import_model, prepare_data, teacher
-from cmflow.stages import evaluate as evaluate_stage
-from cmflow.stages import register as register_stages
-
-STAGES: dict[str, StageDef] = {
-    fn.stage_def.kind: fn.stage_def  # type: ignore[attr-defined]
-    for fn in (
-        demo.arrays,
-        demo.reduce,
-        prepare_data.prepare_data,
-        teacher.teacher,
-        teacher.teacher_sample,
-        distill.distill,
-        distill.train_cm,
-        distill.perceptual_net,
-        import_model.import_model,
-        evaluate_stage.evaluate,
-        register_stages.register,
-        register_stages.promote,
-    )
-}

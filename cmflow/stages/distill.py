@@ -1,6 +1,6 @@
 """``distill`` (consistency distillation, CD) and ``train_cm`` (consistency training, CT / iCT) on Ray Train.
 
-Both run ``resources.workers`` Ray Train workers (:mod:`cmflow.training.ray_train`) with checkpoints under
+Both run ``resources.workers`` Ray Train workers (:mod:`cmflow.distributed.train`) with checkpoints under
 the stage's work folder (a rerun resumes), then write the evaluation EMA of the student as
 ``model.safetensors`` + ``model.json`` (kind "cm"; ``sampling.two_step_sigmas = [80, midpoint_sigma]``),
 the raw student as ``online.safetensors``, ``metrics.jsonl`` (loss and img/s per log step) and the sample
@@ -14,9 +14,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from cmflow.stage import Artifact, ParamsModel, StageContext, stage
-from cmflow.stages.teacher import TRAINING_DEPS, Preset
+from cmflow.stages.teacher import Preset
 
-CM_DEPS = (*TRAINING_DEPS, "cmflow.training.ray_train", "cmflow.training.perceptual", "cmflow.metrics.lpips")
 IGNORED = ("log_every", "max_failures", "pid_dir")
 
 
@@ -123,7 +122,6 @@ class TrainCMParams(_ConsistencyParams):
     inputs=("teacher", "data"),
     optional_inputs=("perceptual",),
     cache_ignore=IGNORED,
-    code_deps=CM_DEPS,
     distributed=True,
 )
 def distill(params: DistillParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
@@ -153,7 +151,6 @@ def distill(params: DistillParams, inputs: dict[str, Artifact], ctx: StageContex
     inputs=("data",),
     optional_inputs=("perceptual",),
     cache_ignore=IGNORED,
-    code_deps=CM_DEPS,
     distributed=True,
 )
 def train_cm(params: TrainCMParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
@@ -186,8 +183,9 @@ def _train_and_write(
 ) -> dict[str, Any]:
     import torch
 
+    from cmflow.diffusion.rng import mix_seed
+    from cmflow.distributed.train import TrainJob, fit
     from cmflow.models.io import build_model, save_model, weights_bytes
-    from cmflow.training.ray_train import TrainJob, fit
 
     torch.set_num_threads(ctx.num_threads)
     info = inputs["data"].read_json("dataset.json")
@@ -202,7 +200,7 @@ def _train_and_write(
     job = TrainJob(
         method=method,  # type: ignore[arg-type]
         params=params.model_dump(mode="json"),
-        seed=int(params.seed) * 1_000_003 + int(ctx.seed),
+        seed=mix_seed(params.seed, ctx.seed),
         stage=ctx.stage,
         data=inputs["data"],
         teacher=inputs.get("teacher"),
@@ -214,7 +212,8 @@ def _train_and_write(
     ctx.progress(0, params.steps, message=f"starting {ctx.resources.workers} Ray Train worker(s)")
     content = fit(job, ctx, max_failures=params.max_failures)
     for row in content["metrics"]:
-        ctx.log_metrics(int(row["step"]), loss=row["loss"], imgs_per_s=row["imgs_per_s"])
+        ctx.log_metrics(int(row["step"]), loss=row["loss"])
+        ctx.log_timing(int(row["step"]), imgs_per_s=row["imgs_per_s"])
     student, online = build_model(config), build_model(config)
     student.load_state_dict(content["ema"])
     online.load_state_dict(content["online"])
@@ -230,11 +229,9 @@ def _train_and_write(
     (ctx.out_dir / "online.safetensors").write_bytes(weights_bytes(online))
     _grids(student, config, params, ctx)
     rows = content["metrics"]
-    rates = [r["imgs_per_s"] for r in rows]
     return {
         "steps": int(content["step"]),
         "final_loss": float(rows[-1]["loss"]) if rows else None,
-        "imgs_per_s": round(sum(rates) / len(rates), 2) if rates else None,
         "resumed_from_step": int(content.get("resumed_from_step", 0)),
     }
 
@@ -242,80 +239,15 @@ def _train_and_write(
 def _grids(model: Any, config: dict[str, Any], params: _ConsistencyParams, ctx: StageContext) -> None:
     if params.grid_samples == 0:
         return
-    from cmflow.stages.grid import save_grid
-    from cmflow.training.generate import sample_range
+    from cmflow.data.images import save_grid
+    from cmflow.diffusion.generate import sample_range
 
     image = config["image"]
     kwargs = {
         "shape": (image["channels"], image["resolution"], image["resolution"]),
         "method": "cm",
         "num_classes": config.get("num_classes", 0),
-        "class_labels": "uniform",
     }
     for name, sigmas in (("samples-1step.png", [80.0]), ("samples-2step.png", [80.0, params.midpoint_sigma])):
         images, _ = sample_range(model.eval(), 0, params.grid_samples, 256, sigmas=sigmas, **kwargs)
         save_grid(images, ctx.out_dir / name)
-
-
-class PerceptualNetParams(ParamsModel):
-    steps: int = Field(300, ge=1, description="Classifier training steps.")
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    widths: list[int] = Field(default_factory=lambda: [32, 64], description="Channels of the conv stages.")
-    seed: int = Field(17, ge=0, description="Combined with the pipeline seed.")
-
-
-@stage(
-    "perceptual_net",
-    params=PerceptualNetParams,
-    version="1",
-    inputs=("data",),
-    code_deps=("cmflow.training.perceptual", "cmflow.data.shards"),
-)
-def perceptual_net(
-    params: PerceptualNetParams, inputs: dict[str, Artifact], ctx: StageContext
-) -> dict[str, Any]:
-    """Train a small LPIPS-style network for ``distance: feature`` (or ``lpips``) as a classifier on the
-    labelled ``data``; writes ``perceptual.json`` + ``perceptual.safetensors``.
-
-    This network is trained here, from its own seed, with its own architecture (conv/ReLU stages with
-    average pooling); it is not the FID feature network of :mod:`cmflow.metrics`, so distilling with it does
-    not optimise the evaluation metric directly.
-
-    Examples:
-        perceptual: {kind: perceptual_net, inputs: {data: data}}
-        distill: {kind: distill, inputs: {teacher: teacher, data: data, perceptual: perceptual},
-                  params: {distance: feature}}
-    """
-    import json
-
-    import torch
-    from safetensors.torch import save as st_save
-
-    from cmflow.data.shards import read_dataset
-    from cmflow.errors import InputError
-    from cmflow.training.perceptual import CONFIG, WEIGHTS, train_classifier_features
-
-    torch.set_num_threads(ctx.num_threads)
-    images, labels, info = read_dataset(inputs["data"].read_bytes)
-    if labels is None or info.get("num_classes", 0) < 2:
-        raise InputError(
-            f"stage {ctx.stage!r}: the perceptual network is trained as a classifier and needs labels; set "
-            "use_labels: true in prepare_data"
-        )
-    ctx.progress(0, params.steps, message="training the perceptual network")
-    net, accuracy = train_classifier_features(
-        torch.from_numpy(images),
-        torch.from_numpy(labels),
-        int(info["num_classes"]),
-        steps=params.steps,
-        batch_size=params.batch_size,
-        lr=params.lr,
-        seed=int(params.seed) * 1_000_003 + int(ctx.seed),
-        widths=tuple(params.widths),
-    )
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    (ctx.out_dir / WEIGHTS).write_bytes(st_save(state))
-    (ctx.out_dir / CONFIG).write_text(json.dumps(net.config, indent=1, sort_keys=True))
-    ctx.progress(params.steps, params.steps, message=f"train accuracy {accuracy:.3f}")
-    return {"train_accuracy": round(accuracy, 4), "params_count": sum(p.numel() for p in net.parameters())}

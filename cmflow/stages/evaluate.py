@@ -5,7 +5,7 @@ per-sample seed ``s * num_samples + i`` (:class:`cmflow.diffusion.rng.StackedRan
 CPU), so the numbers do not depend on the batch size or the device's RNG. Generated images are quantised to
 uint8 exactly as a saved PNG would be ((x + 1) 127.5, rounded, clamped), embedded by the feature extractor,
 and compared with the reference statistics of *all* real images of the dataset (cached in the store once per
-dataset, extractor weights and resolution: :mod:`cmflow.metrics.refstats`). FID over few samples is biased
+dataset, extractor weights and resolution: :mod:`cmflow.stages.refstats`). FID over few samples is biased
 and moves between seeds by as much as the gaps being measured, so the stage reports the median and the
 spread (min, max, std) over ``seeds``. The bias (about k / N for N samples, with k differing between models)
 also pulls ratios of FIDs towards 1, so every setting also gets ``fid_inf``, the FID extrapolated to
@@ -63,7 +63,9 @@ class EvaluateParams(ParamsModel):
         None, ge=1, description="Images per extractor call (default 1000 for digits, 100 for inception-v3)."
     )
     teacher_steps: int = Field(18, ge=1, le=1000, description="Heun steps of the teacher (NFE 2 N - 1).")
-    teacher_dtype: Literal["float32", "float64"] = Field("float32", description="Teacher ODE arithmetic.")
+    teacher_dtype: Literal["float32", "float64"] = Field(
+        "float64", description="Teacher ODE arithmetic (float64 as in EDM and every other sampling path)."
+    )
     midpoint: float | Literal["search", "model"] = Field(
         "model",
         description="2-step midpoint tau: a number, 'model' (model.json sampling.two_step_sigmas, else search) "
@@ -206,52 +208,35 @@ def _load_extractor(params: EvaluateParams, ctx: StageContext) -> Any:
 # -- sampling --------------------------------------------------------------------------------------------------
 
 
-def _batch_ranges(start: int, count: int, batch_size: int) -> list[range]:
-    """Consecutive seed ranges cut at start + i * batch_size (the same cuts for any split of the work)."""
-    end = start + count
-    return [range(s, min(s + batch_size, end)) for s in range(start, end, batch_size)]
-
-
 def _sampler(
     model: Any,
     *,
     method: str,
     shape: tuple[int, int, int],
     num_classes: int,
-    device: str,
     num_steps: int = 18,
     sigmas: tuple[float, ...] = (80.0,),
-    dtype: str = "float32",
+    dtype: str = "float64",
 ) -> Callable[[range], Any]:
-    """``seeds -> uint8 (B, C, H, W)`` CPU tensor for one sampling setting."""
+    """``seeds -> uint8 (B, C, H, W)`` CPU tensor for one sampling setting (:mod:`cmflow.diffusion.generate`)."""
     import torch
 
-    from cmflow.data.images import to_uint8
-    from cmflow.diffusion.rng import StackedRandomGenerator
-    from cmflow.diffusion.samplers import cm_sample, edm_sampler
+    from cmflow.diffusion.generate import sample_images
 
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
 
     def sample(seeds: range) -> Any:
-        rnd = StackedRandomGenerator("cpu", seeds)  # drawn on the CPU: the same noise on every device
-        latents = rnd.randn((len(seeds), *shape), dtype=torch.float32).to(device)  # (B, C, H, W)
-        labels = rnd.randint(0, num_classes, (len(seeds),)).to(device) if num_classes else None
-        with torch.inference_mode():
-            if method == "edm":
-                x = edm_sampler(
-                    model,
-                    latents,
-                    num_steps=num_steps,
-                    sigma_min=model.sigma_min,
-                    sigma_max=model.sigma_max,
-                    class_labels=labels,
-                    dtype=torch_dtype,
-                )
-            else:
-                x = cm_sample(
-                    model, latents, sigmas, generator=rnd, sigma_min=model.sigma_min, class_labels=labels
-                )
-            return to_uint8(x.clamp(-1, 1)).cpu()
+        images, _ = sample_images(
+            model,
+            seeds,
+            shape=shape,
+            method=method,  # type: ignore[arg-type]
+            num_steps=num_steps,
+            sigmas=sigmas,
+            num_classes=num_classes,
+            dtype=torch_dtype,
+        )
+        return images
 
     return sample
 
@@ -273,7 +258,9 @@ def _generated(
     sampler: Callable[[range], Any], num_samples: int, batch_size: int
 ) -> Callable[[int], Iterator[Any]]:
     def images_for(seed: int) -> Iterator[Any]:
-        for seeds in _batch_ranges(seed * num_samples, num_samples, batch_size):
+        from cmflow.diffusion.generate import batch_ranges
+
+        for seeds in batch_ranges(seed * num_samples, num_samples, batch_size):
             yield sampler(seeds)
 
     return images_for
@@ -351,7 +338,7 @@ def _measure(
     stats = compute_stats(extractor, batches(), batch_size=feature_batch, keep_features=True)
     mu, sigma = stats.to_moments()
     fake = stats.features
-    real = reference.features  # a fixed random subset of the real images (see cmflow.metrics.refstats)
+    real = reference.features  # a fixed random subset of the real images (see cmflow.stages.refstats)
     kid_mean, kid_std = kid(fake, real, num_subsets=params.kid_subsets, subset_size=params.kid_subset_size)
     # k-NN radii depend on the sample size, so both manifolds get the same number of points
     m = min(real.shape[0], fake.shape[0], params.pr_max_samples)
@@ -493,6 +480,7 @@ def _midpoint(
     ctx: StageContext,
 ) -> tuple[float, dict[str, Any]]:
     """tau for 2-step sampling and how it was chosen (params, model.json, or a ternary search on FID)."""
+    from cmflow.diffusion.generate import batch_ranges
     from cmflow.diffusion.samplers import ternary_search_midpoint
     from cmflow.metrics.extractors import compute_stats
     from cmflow.metrics.stats import fid_from_stats
@@ -514,7 +502,7 @@ def _midpoint(
 
             def score(tau: float) -> float:
                 sampler = make_sampler((sigma_max, tau))
-                batches = (sampler(s) for s in _batch_ranges(start, params.search_samples, params.batch_size))
+                batches = (sampler(s) for s in batch_ranges(start, params.search_samples, params.batch_size))
                 stats = compute_stats(extractor, batches, batch_size=feature_batch)
                 fid = fid_from_stats(*stats.to_moments(), reference.stats.mu, reference.stats.sigma)
                 evaluations.append([tau, fid])
@@ -562,7 +550,6 @@ def _teacher_setting(
         method="edm",
         shape=shape,
         num_classes=int(config.get("num_classes", 0) or 0),
-        device=ctx.device,
         num_steps=params.teacher_steps,
         dtype=params.teacher_dtype,
     )
@@ -658,19 +645,6 @@ def _plot(results: dict[str, dict[str, Any]], path: Any, title: str) -> None:
     inputs=("data", "model"),
     optional_inputs=("teacher", "teacher_samples"),
     cache_ignore=("batch_size", "feature_batch_size", "reuse_teacher"),
-    code_deps=(
-        "cmflow.metrics.stats",
-        "cmflow.metrics.extractors",
-        "cmflow.metrics.digits_net",
-        "cmflow.metrics.inception",
-        "cmflow.metrics.reference",
-        "cmflow.metrics.refstats",
-        "cmflow.metrics.plot",
-        "cmflow.diffusion.samplers",
-        "cmflow.diffusion.rng",
-        "cmflow.models.precond",
-        "cmflow.models.unet",
-    ),
 )
 def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
     """FID / KID / precision-recall of the CM at 1 and 2 steps and of the teacher, over several seeds.
@@ -685,8 +659,8 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageCont
     """
     import torch
 
-    from cmflow.metrics.plot import save_grid
-    from cmflow.metrics.refstats import get_reference
+    from cmflow.data.images import save_grid
+    from cmflow.stages.refstats import get_reference
 
     torch.set_num_threads(ctx.num_threads)
     timing: dict[str, float] = {}
@@ -732,9 +706,7 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageCont
     num_classes = int(config.get("num_classes", 0) or 0)
 
     def cm_sampler(sigmas: tuple[float, ...]) -> Callable[[range], Any]:
-        return _sampler(
-            model, method="cm", shape=shape, num_classes=num_classes, device=ctx.device, sigmas=sigmas
-        )
+        return _sampler(model, method="cm", shape=shape, num_classes=num_classes, sigmas=sigmas)
 
     clock = time.perf_counter()
     tau, midpoint_info = _midpoint(
@@ -790,9 +762,9 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageCont
         "ratios_inf": ratios_inf,
         "kid": {"subsets": params.kid_subsets, "subset_size": params.kid_subset_size},
         "precision_recall": {"k": params.pr_k, "max_samples": params.pr_max_samples},
-        "timing_s": {k: round(v, 3) for k, v in timing.items()},
     }
     (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True, allow_nan=False))
+    ctx.log_timing(**{f"{name}_s": round(seconds, 3) for name, seconds in timing.items()})
     return {
         "fid_1step": fid[SETTING_1STEP],
         "fid_2step": fid[SETTING_2STEP],
@@ -814,6 +786,6 @@ def evaluate(params: EvaluateParams, inputs: dict[str, Artifact], ctx: StageCont
 
 
 def _redacted(uri: str | None) -> str | None:
-    from cmflow.spec import redact_uri
+    from cmflow.redact import redact_uri
 
     return redact_uri(uri) if uri else None

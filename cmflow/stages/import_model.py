@@ -38,14 +38,6 @@ class ImportModelParams(ParamsModel):
     "import_model",
     params=ImportModelParams,
     version="1",
-    code_deps=(
-        "cmflow.interop",
-        "cmflow.models.adm",
-        "cmflow.models.openai_format",
-        "cmflow.models.diffusers_format",
-        "cmflow.models.precond",
-        "cmflow.models.io",
-    ),
 )
 def import_model(params: ImportModelParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
     """Read a released consistency model by URI (weights only, strict) and write it in cmflow's format.

@@ -35,7 +35,6 @@ class PrepareDataParams(ParamsModel):
     "prepare_data",
     params=PrepareDataParams,
     version="1",
-    code_deps=("cmflow.data.sources", "cmflow.data.images", "cmflow.data.shards", "cmflow.data.safe_pickle"),
 )
 def prepare_data(params: PrepareDataParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
     """Write ``images.npy`` (uint8 N,C,H,W; shards ``images-00000.npy``... if large), ``labels.npy`` and

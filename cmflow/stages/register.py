@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from cmflow.errors import StageError
+from cmflow.errors import SpecError, StageError
 from cmflow.stage import Artifact, ParamsModel, StageContext, stage
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
@@ -26,7 +26,7 @@ ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,62}$"
 
 
 def _no_password(value: str | None) -> str | None:
-    from cmflow.spec import redact_uri
+    from cmflow.redact import redact_uri
 
     if value is not None and redact_uri(value) != value:
         raise ValueError(
@@ -72,17 +72,13 @@ class PromoteParams(ParamsModel):
 
 def _tracking_uri(override: str | None, ctx: StageContext) -> str:
     """The override, the pipeline's tracking URI, or the SQLite store under a local storage root."""
-    if override:
-        return override
-    if ctx.tracking and ctx.tracking.get("uri"):
-        return str(ctx.tracking["uri"])
-    if not ctx.storage.is_local:
-        raise StageError(
-            f"stage {ctx.stage!r} needs an MLflow server: set tracking.uri in the spec or params.tracking_uri"
-        )
-    from cmflow.registry import sqlite_uri_for_root
+    from cmflow.mlflow_client import resolve_tracking_uri
 
-    return sqlite_uri_for_root(ctx.storage.root)
+    pipeline = str(ctx.tracking["uri"]) if ctx.tracking and ctx.tracking.get("uri") else None
+    try:
+        return resolve_tracking_uri(override or pipeline, ctx.storage.root)
+    except SpecError as exc:
+        raise StageError(f"stage {ctx.stage!r}: {exc}; or set params.tracking_uri") from None
 
 
 def _registration_run(
@@ -92,7 +88,7 @@ def _registration_run(
     tracking = ctx.tracking or {}
     if tracking.get("stage_run_id") and tracking.get("uri") == uri:
         return str(tracking["stage_run_id"]), str(tracking["experiment_id"]), False
-    from cmflow.tracking import experiment_id
+    from cmflow.mlflow_client import experiment_id
 
     name = params.experiment or str(tracking.get("pipeline") or "cmflow-registry")
     exp = experiment_id(client, name)
@@ -123,7 +119,6 @@ def _report(report: Artifact | None) -> tuple[dict[str, float], str]:
     version="1",
     inputs=("model",),
     optional_inputs=("report", "data"),
-    code_deps=("cmflow.registry", "cmflow.serving"),
 )
 def register(params: RegisterParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
     """Register the ``model`` artifact (model.safetensors + model.json) as a new version; alias challenger.
@@ -135,8 +130,9 @@ def register(params: RegisterParams, inputs: dict[str, Artifact], ctx: StageCont
         register: {kind: register, inputs: {model: distill, report: evaluate, data: data},
                    params: {model_name: cm-digits}}
     """
-    from cmflow.registry import client_for, register_version
-    from cmflow.spec import redact_uri
+    from cmflow.mlflow_client import client_for
+    from cmflow.redact import redact_uri
+    from cmflow.registry import register_version
 
     model = inputs["model"]
     for name in ("model.safetensors", "model.json"):
@@ -197,14 +193,14 @@ def _tag_stage_run(ctx: StageContext, tags: dict[str, str]) -> None:
     tracking = ctx.tracking or {}
     if not tracking.get("stage_run_id"):
         return
-    from cmflow.tracking import client_for
+    from cmflow.mlflow_client import client_for
 
     client = client_for(str(tracking["uri"]))
     for key, value in tags.items():
         client.set_tag(str(tracking["stage_run_id"]), key, value)
 
 
-@stage("promote", params=PromoteParams, version="1", inputs=("registered",), code_deps=("cmflow.registry",))
+@stage("promote", params=PromoteParams, version="1", inputs=("registered",))
 def promote(params: PromoteParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
     """Gate the registered version against the current champion and, with policy auto, promote it.
 
@@ -217,7 +213,8 @@ def promote(params: PromoteParams, inputs: dict[str, Artifact], ctx: StageContex
                   params: {max_fid: 50, tolerance: 0.05}}
     """
     from cmflow.errors import GateRejected
-    from cmflow.registry import Gate, client_for
+    from cmflow.mlflow_client import client_for
+    from cmflow.registry import Gate
     from cmflow.registry import promote as promote_version
 
     registered = inputs["registered"].read_json("registered.json")

@@ -12,26 +12,6 @@ from cmflow.errors import InputError, StageError
 from cmflow.stage import Artifact, ParamsModel, StageContext, stage
 
 Preset = Literal["tiny", "digits", "cifar10", "imagenet64", "adm-imagenet64", "adm-lsun256"]
-TRAINING_DEPS = (
-    "cmflow.training.loop",
-    "cmflow.training.checkpoint",
-    "cmflow.training.generate",
-    "cmflow.training.builders",
-    "cmflow.diffusion.losses",
-    "cmflow.diffusion.samplers",
-    "cmflow.diffusion.solvers",
-    "cmflow.diffusion.schedules",
-    "cmflow.diffusion.ema",
-    "cmflow.diffusion.rng",
-    "cmflow.models.unet",
-    "cmflow.models.adm",
-    "cmflow.models.openai_format",
-    "cmflow.interop",
-    "cmflow.models.precond",
-    "cmflow.models.io",
-    "cmflow.data.shards",
-    "cmflow.data.images",
-)
 
 
 class TeacherParams(ParamsModel):
@@ -90,7 +70,6 @@ class TeacherSampleParams(ParamsModel):
     version="1",
     inputs=("data",),
     cache_ignore=("log_every",),
-    code_deps=TRAINING_DEPS,
 )
 def teacher(params: TeacherParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
     """Train an EDM teacher on ``data`` (EMA with warm-up, checkpoints under the work folder, resumed on a
@@ -141,6 +120,7 @@ def _train_teacher(
     import torch
 
     from cmflow.diffusion.losses import EDMLoss
+    from cmflow.diffusion.rng import mix_seed
     from cmflow.training.builders import build_edm
     from cmflow.training.loop import (
         DataSampler,
@@ -154,7 +134,7 @@ def _train_teacher(
     )
 
     device = torch.device(ctx.device)
-    torch.manual_seed(_seed(params.seed, ctx.seed))  # the initial weights (and Fourier frequencies)
+    torch.manual_seed(mix_seed(params.seed, ctx.seed))  # the initial weights (and Fourier frequencies)
     net = build_edm(
         params.preset, params.unet, info["channels"], info["resolution"], f"stages.{ctx.stage}.params"
     )
@@ -169,7 +149,7 @@ def _train_teacher(
         torch.from_numpy(images),
         torch.from_numpy(labels) if labels is not None else None,
         params.batch_size,
-        seed=_seed(params.seed, ctx.seed),
+        seed=mix_seed(params.seed, ctx.seed),
         device=device,
     )
     step = teacher_step(EDMLoss(params.p_mean, params.p_std), data, cfg, params.ema_rate)
@@ -210,10 +190,6 @@ def _check_labels(num_classes: int, labels: Any, info: dict[str, Any], stage_nam
     return labels
 
 
-def _seed(param_seed: int, pipeline_seed: int) -> int:
-    return int(param_seed) * 1_000_003 + int(pipeline_seed)
-
-
 def _budget(time_budget_s: float | None) -> Any:
     if time_budget_s is None:
         return None
@@ -226,7 +202,8 @@ def _log(ctx: StageContext, row: dict[str, float], total: int, what: str) -> Non
             f"stage {ctx.stage!r}: the {what} loss became {row['loss']} at step {int(row['step'])}; lower lr"
         )
     step = int(row["step"])
-    ctx.log_metrics(step, loss=row["loss"], imgs_per_s=row["imgs_per_s"])
+    ctx.log_metrics(step, loss=row["loss"])
+    ctx.log_timing(step, imgs_per_s=row["imgs_per_s"])
     ctx.progress(step, total, message=f"loss {row['loss']:.4f}, {row['imgs_per_s']:.0f} img/s")
 
 
@@ -252,7 +229,7 @@ class _WorkCheckpoints:
             self.ctx.progress(0, 1, message=f"ignoring the old checkpoint ({str(exc)[:80]})")
             return
         for row in state.metrics:
-            self.ctx.log_metrics(int(row["step"]), loss=row["loss"], imgs_per_s=row["imgs_per_s"])
+            self.ctx.log_metrics(int(row["step"]), loss=row["loss"])
         self.ctx.progress(state.step, max(state.step, 1), message=f"resumed from step {state.step}")
 
     def save(self, state: Any) -> None:
@@ -264,8 +241,8 @@ class _WorkCheckpoints:
 def _teacher_grid(model: Any, params: TeacherParams, config: dict[str, Any], ctx: StageContext) -> None:
     if params.grid_samples == 0:
         return
-    from cmflow.stages.grid import save_grid
-    from cmflow.training.generate import sample_range
+    from cmflow.data.images import save_grid
+    from cmflow.diffusion.generate import sample_range
 
     image = config["image"]
     images, _ = sample_range(
@@ -277,8 +254,6 @@ def _teacher_grid(model: Any, params: TeacherParams, config: dict[str, Any], ctx
         method="edm",
         num_steps=18,
         num_classes=config.get("num_classes", 0),
-        class_labels="uniform",
-        device=next(model.parameters()).device,
     )
     save_grid(images, ctx.out_dir / "samples.png")
 
@@ -299,19 +274,19 @@ def _sample_seed_ranges(
     import numpy as np
     import torch
 
+    from cmflow.diffusion.generate import sample_images
     from cmflow.models.io import load_model
-    from cmflow.training.generate import sample_images
 
     torch.set_num_threads(num_threads)
     device = "cuda" if kwargs.pop("use_cuda", False) and torch.cuda.is_available() else "cpu"
     model = load_model(weights, config).to(device)
     parts = []
     for a, b in ranges:
-        parts.append(sample_images(model, range(a, b), device=device, **kwargs))
+        parts.append(sample_images(model, range(a, b), **kwargs))
         if on_batch is not None:
             on_batch(b - a)
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts]) if parts[0][1] is not None else None
+    images = np.concatenate([p[0].numpy() for p in parts])
+    labels = np.concatenate([p[1].numpy() for p in parts]) if parts[0][1] is not None else None
     return images, labels
 
 
@@ -321,7 +296,6 @@ def _sample_seed_ranges(
     version="1",
     inputs=("teacher",),
     optional_inputs=("data",),
-    code_deps=TRAINING_DEPS,
 )
 def teacher_sample(
     params: TeacherSampleParams, inputs: dict[str, Artifact], ctx: StageContext
@@ -336,7 +310,7 @@ def teacher_sample(
     import numpy as np
 
     from cmflow.data.shards import dataset_meta, write_dataset
-    from cmflow.training.generate import batch_ranges
+    from cmflow.diffusion.generate import batch_ranges
 
     config = inputs["teacher"].read_json("model.json")
     if config.get("kind") != "edm":
@@ -362,10 +336,12 @@ def teacher_sample(
         "method": "edm",
         "num_steps": params.num_steps,
         "num_classes": num_classes,
-        "class_labels": params.class_labels if num_classes else None,
+        "class_labels": params.class_labels if isinstance(params.class_labels, int) else None,
         "use_cuda": ctx.device.startswith("cuda"),
     }
-    ranges = batch_ranges(params.seed_start, params.num_samples, params.batch_size)
+    ranges = [
+        (r.start, r.stop) for r in batch_ranges(params.seed_start, params.num_samples, params.batch_size)
+    ]
     groups = [g for g in np.array_split(np.arange(len(ranges)), min(params.num_tasks, len(ranges))) if len(g)]
     chunks = [[ranges[i] for i in group] for group in groups]
     parts = _run_chunks(weights, config, chunks, kwargs, ctx)

@@ -1,6 +1,6 @@
 """Training loops in plain torch: the EDM teacher, consistency distillation (CD), CT and iCT.
 
-No Ray, MLflow or fsspec here: the stages (and :mod:`cmflow.training.ray_train`) wrap these functions
+No Ray, MLflow or fsspec here: the stages (and :mod:`cmflow.distributed.train`) wrap these functions
 with checkpoint storage, progress display and Ray Train workers.
 
 Structure (EDM ``training_loop.py`` in small pieces):
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from cmflow.diffusion.ema import ema_update, ema_warmup_rate
 from cmflow.diffusion.losses import CDLoss, CTLoss, EDMLoss, ICTLoss
-from cmflow.diffusion.schedules import ct_ema_rate, ct_num_steps, ict_num_steps
+from cmflow.diffusion.noise_levels import ct_ema_rate, ct_num_steps, ict_num_steps
 
 StepFn = Callable[["TrainState", int], float]
 
@@ -212,15 +212,13 @@ def ict_step(
     def step(state: TrainState, k: int) -> float:
         x, labels, generator = data.batch(k)
         num_scales = ict_num_steps(k, total_steps, s0, s1)
-        # CTLoss.__call__ with the bare module as target: the same weights as a DDP-wrapped online network.
-        loss = CTLoss.__call__(
-            loss_fn,
+        loss = loss_fn(
             forward or state.online,
-            state.online,
             x,
             num_scales=num_scales,
             class_labels=labels,
             generator=generator,
+            target=state.online,  # the bare module: the same weights as a DDP-wrapped online network
         ).mean()
         value = _optimise(state, cfg, k, loss)
         ema_update(state.ema, state.online, ema_warmup_rate(k, ema_rate))
@@ -291,9 +289,3 @@ def run_loop(
 def final_loss(state: TrainState) -> float | None:
     """The loss of the last metrics row (None before the first row: meta must stay valid JSON)."""
     return float(state.metrics[-1]["loss"]) if state.metrics else None
-
-
-def mean_imgs_per_s(state: TrainState) -> float | None:
-    """Mean throughput over the rows logged so far (None before the first row)."""
-    rows = [r["imgs_per_s"] for r in state.metrics]
-    return float(sum(rows) / len(rows)) if rows else None

@@ -19,15 +19,11 @@ network trained at the data's native size is not run at 224 x 224.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from cmflow.errors import InputError
-from cmflow.spec import redact_uri
 
 CONFIG = "perceptual.json"
 WEIGHTS = "perceptual.safetensors"
@@ -97,45 +93,6 @@ def load_perceptual(weights: bytes, config: dict[str, Any]) -> PerceptualDistanc
     if missing or unexpected:
         raise ValueError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return module.eval()
-
-
-def load_perceptual_uri(uri: str | None, options: dict[str, Any]) -> PerceptualDistance:
-    """The perceptual network in the folder ``uri`` (``perceptual.json`` + ``perceptual.safetensors``)."""
-    from cmflow.storage import open_uri
-
-    if not uri:
-        raise InputError(
-            "distance 'lpips' needs lpips_uri: a folder with perceptual.json + perceptual.safetensors"
-        )
-    base = uri.rstrip("/")
-    try:
-        config = json.loads(open_uri(f"{base}/{CONFIG}", options))
-        return load_perceptual(open_uri(f"{base}/{WEIGHTS}", options), config)
-    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise InputError(f"{redact_uri(base)} is not a usable perceptual network ({exc})") from None
-
-
-def load_published_lpips(vgg16_uri: str, lin_uri: str, options: dict[str, Any]) -> Any:
-    """LPIPS v0.1 as published (:mod:`cmflow.metrics.lpips`): torchvision's VGG16 file and the lpips
-    package's v0.1 VGG heads, read by URI (weights only, strict)."""
-    import pickle
-
-    from cmflow.metrics.lpips import load_lpips
-    from cmflow.storage import open_uri
-
-    vgg16, lins = open_uri(vgg16_uri, options), open_uri(lin_uri, options)
-    try:
-        return load_lpips(vgg16, lins)
-    except pickle.UnpicklingError:
-        raise InputError(
-            f"{redact_uri(vgg16_uri)} or {redact_uri(lin_uri)} was refused: not a weights-only state dict"
-        ) from None
-    except (ValueError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or ["unreadable"])[0][:200]
-        raise InputError(
-            f"LPIPS weights {redact_uri(vgg16_uri)} + {redact_uri(lin_uri)} do not fit ({first}); pass "
-            "torchvision's vgg16 state dict and the lpips package's weights/v0.1/vgg.pth"
-        ) from None
 
 
 # --------------------------------------------------------------------------------------------------

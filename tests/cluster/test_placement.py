@@ -18,9 +18,10 @@ from cmflow.engine import run_pipeline
 from cmflow.engine.ray_runtime import check_feasible
 from cmflow.errors import ClusterError
 from cmflow.schedule import create_schedule, new_schedule, tick
-from cmflow.spec import Resources, validate_spec
+from cmflow.spec import Resources
 from cmflow.storage import Storage
 from cmflow.submit import InlineSubmitter
+from cmflow.validate import validate_spec
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +29,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     import ray
+    from ray._common.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
+    # Cluster() records its address in <ray temp dir>/ray_current_cluster and fails if that folder is
+    # missing, which it is on a fresh machine where no default-temp-dir Ray has run yet
+    Path(get_ray_address_file(None)).parent.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(
         initialize_head=True,
         connect=False,

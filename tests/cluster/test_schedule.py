@@ -24,8 +24,8 @@ from cmflow.schedule import (
     set_enabled,
     tick,
 )
-from cmflow.spec import validate_spec
 from cmflow.storage import Manifest, Storage
+from cmflow.validate import validate_spec
 
 
 def t(text: str) -> datetime:

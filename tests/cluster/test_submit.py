@@ -33,7 +33,6 @@ from cmflow.schedule import (
     parse_time,
     tick,
 )
-from cmflow.spec import load_spec, validate_spec
 from cmflow.storage import Manifest, Storage
 from cmflow.submit import (
     ClusterTarget,
@@ -42,6 +41,7 @@ from cmflow.submit import (
     load_submission,
     submit_spec,
 )
+from cmflow.validate import load_spec, validate_spec
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,6 @@ import pytest
 from cluster_helpers import demo_spec
 
 from cmflow.errors import UsageError
-from cmflow.spec import validate_spec
 from cmflow.submit import (
     ClusterTarget,
     build_runtime_env,
@@ -19,6 +18,7 @@ from cmflow.submit import (
     resolve_address,
     resolve_token,
 )
+from cmflow.validate import validate_spec
 
 
 def test_runtime_env_is_valid_and_forwards_only_what_is_set(tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from cmflow.engine.driver import load_output, run_pipeline, storage_for
-from cmflow.spec import apply_overrides, read_yaml, validate_spec
+from cmflow.spec import apply_overrides, read_yaml
 from cmflow.stage import Artifact
+from cmflow.validate import validate_spec
 
 TINY = Path(__file__).resolve().parents[2] / "pipelines" / "tiny.yaml"
 EVALUATE = {

@@ -10,7 +10,7 @@ import torch
 
 from cmflow.metrics.extractors import load_extractor
 from cmflow.metrics.reference import reference_key, stats_from_bytes
-from cmflow.metrics.refstats import REFERENCE_KIND, get_reference, lookup_reference, reference_cache_key
+from cmflow.stages.refstats import REFERENCE_KIND, get_reference, lookup_reference, reference_cache_key
 from cmflow.storage import Storage
 
 

@@ -71,7 +71,12 @@ def test_run_status_explain_and_runs_list(spec_file: Path, capsys: pytest.Captur
     assert record["stages"]["a"]["status"] == "done"
     assert main(["cache", "explain", run_ids[-1], "a", "--root", root]) == 0
     explained = capsys.readouterr().out
-    assert "params.n" in explained and "changed" in explained
+    assert "1 of" in explained and f"compared with run {run_ids[0]}" in explained
+    rows = [line.split() for line in explained.splitlines() if line.startswith("params.")]
+    assert rows == [["params.n", "4", "5", "changed"]]  # only what changed, old -> new
+    assert main(["cache", "explain", run_ids[-1], "a", "--root", root, "--all"]) == 0
+    everything = capsys.readouterr().out
+    assert "code.modules.cmflow.stages.demo" in everything and "code.versions.numpy" in everything
 
 
 @pytest.mark.usefixtures("ray_session")

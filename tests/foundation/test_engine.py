@@ -9,7 +9,8 @@ import pytest
 
 from cmflow.engine import RunRecord, plan, run_pipeline, storage_for
 from cmflow.errors import ClusterError
-from cmflow.spec import PipelineSpec, validate_spec
+from cmflow.spec import PipelineSpec
+from cmflow.validate import validate_spec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

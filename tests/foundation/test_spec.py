@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from cmflow.errors import SpecError
-from cmflow.spec import apply_overrides, json_schema, load_spec, parse_override, redact
+from cmflow.redact import redact
+from cmflow.spec import apply_overrides, parse_override
+from cmflow.validate import json_schema, load_spec
 
 VALID = """
 name: demo

@@ -7,7 +7,7 @@ import inspect
 import pytest
 from pydantic import BaseModel
 
-from cmflow.stages import STAGES
+from cmflow.stages.table import STAGES
 
 
 @pytest.mark.parametrize("kind", sorted(STAGES))
@@ -22,6 +22,7 @@ def test_stage_contract(kind: str) -> None:
     for name in definition.cache_ignore:
         assert name in definition.params_model.model_fields, f"{kind}: cache_ignore names unknown {name!r}"
     assert not set(definition.inputs) & set(definition.optional_inputs)
-    assert len(definition.code_fingerprint()) == 64
-    for module in definition.code_deps:
+    code = definition.code_fingerprint()
+    assert definition.fn.__module__ in code["modules"] and set(code["versions"]) == {"torch", "numpy"}
+    for module in code["modules"]:  # every module of the closure exists and imports
         __import__(module)

@@ -216,8 +216,8 @@ def test_exported_pipeline_samples_equal_cmflow(tmp_path: Path) -> None:
     ConsistencyModelPipeline.from_pretrained, equal cmflow's for the same latents and noise."""
     from diffusers import ConsistencyModelPipeline
 
+    from cmflow.diffusion.noise_levels import karras_sigmas
     from cmflow.diffusion.samplers import cm_sample
-    from cmflow.diffusion.schedules import karras_sigmas
 
     config = replace(REDUCED_64, num_classes=10)
     folder, config_json = _saved_cm(tmp_path, config)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_digits_net import accuracy, add_noise, box_blur, load_digits_split
 
 import cmflow.metrics.digits_net as digits_net
 from cmflow.metrics.digits_net import (
@@ -19,7 +20,6 @@ from cmflow.metrics.digits_net import (
 )
 from cmflow.metrics.extractors import DigitsExtractor, compute_stats, load_extractor
 from cmflow.metrics.stats import FeatureStats, fid_from_stats
-from cmflow.metrics.train_digits_net import accuracy, add_noise, box_blur, load_digits_split
 
 WEIGHTS_DIR = Path(digits_net.__file__).parent / "weights"
 

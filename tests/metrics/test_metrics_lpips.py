@@ -129,7 +129,7 @@ class _RunsCode:
 
 
 def test_weights_by_uri_and_refusals(tmp_path: Path) -> None:
-    from cmflow.training.perceptual import load_published_lpips
+    from cmflow.loaders import load_published_lpips
 
     vgg, lins = tmp_path / "vgg16-397923af.pth", tmp_path / "vgg.pth"
     vgg.write_bytes(_saved(_vgg(identity=False)))

@@ -58,7 +58,7 @@ def run_task(
     """Run one stage through the engine's worker code (:func:`execute_stage`) in this process."""
     from cmflow.engine.worker import StageTask, execute_stage
     from cmflow.spec import Resources
-    from cmflow.stages import STAGES
+    from cmflow.stages.table import STAGES
 
     validated = STAGES[kind].params_model.model_validate(params).model_dump(mode="json")
     task = StageTask(

@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pytest
 
+from cmflow.engine.tracking import flatten, numeric_items
 from cmflow.errors import InputError, SpecError, UsageError
+from cmflow.mlflow_client import resolve_tracking_uri
 from cmflow.registry import Candidate, Gate, decide_promotion, parse_model_uri, report_metrics
 from cmflow.serving import parse_request, sigmas_for
-from cmflow.spec import validate_spec
-from cmflow.tracking import flatten, numeric_items, resolve_tracking_uri
+from cmflow.validate import validate_spec
 
 
 def cand(version: str, fid: float | None, ref: str | None = "r") -> Candidate:
@@ -172,22 +173,25 @@ def test_flatten_and_numeric_items() -> None:
     }
 
 
-def _spec(root: str, **tracking: object) -> object:
-    return validate_spec(
-        {
-            "name": "t",
-            "storage": {"root": root},
-            "tracking": tracking,
-            "stages": {"a": {"kind": "demo.arrays"}},
-        }
+def _resolve(root: str, uri: str | None = None) -> str:
+    spec = validate_spec(
+        {"name": "t", "storage": {"root": root}, "tracking": {"uri": uri}, "stages": {}}
+        | {"stages": {"a": {"kind": "demo.arrays"}}}
     )
+    return resolve_tracking_uri(spec.tracking.uri, spec.storage.root)
 
 
-def test_default_tracking_uri_is_sqlite_under_a_local_root(tmp_path) -> None:  # noqa: ANN001
-    assert resolve_tracking_uri(_spec(str(tmp_path / "r"))) == f"sqlite:///{tmp_path / 'r' / 'mlflow.db'}"
-    assert resolve_tracking_uri(_spec("s3://b/x", uri="http://mlflow:5000")) == "http://mlflow:5000"
-    with pytest.raises(SpecError, match="tracking.uri"):
-        resolve_tracking_uri(_spec("s3://b/x"))
+def test_tracking_uri_resolution_order(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """tracking.uri, then $MLFLOW_TRACKING_URI, then SQLite under a local root; an s3 root has no default."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert _resolve(str(tmp_path / "r")) == f"sqlite:///{tmp_path / 'r' / 'mlflow.db'}"
+    assert _resolve("s3://b/x", uri="http://mlflow:5000") == "http://mlflow:5000"
+    with pytest.raises(SpecError, match="tracking.uri .*MLFLOW_TRACKING_URI"):
+        _resolve("s3://b/x")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env-mlflow:5000")
+    assert _resolve("s3://b/x") == "http://env-mlflow:5000"
+    assert _resolve(str(tmp_path / "r")) == "http://env-mlflow:5000"
+    assert _resolve("s3://b/x", uri="http://mlflow:5000") == "http://mlflow:5000"
 
 
 def test_register_params_refuse_a_password_in_the_uri() -> None:

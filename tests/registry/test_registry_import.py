@@ -12,8 +12,8 @@ from PIL import Image
 from released_helpers import DIGITS_ADM, diffusers_pipeline_folder, random_adm, save_released
 
 from cmflow.cli.main import main
+from cmflow.mlflow_client import client_for
 from cmflow.models import diffusers_format as dfmt
-from cmflow.registry import client_for
 
 SETS = [f"--set={k}={list(v) if isinstance(v, tuple) else v}" for k, v in asdict(DIGITS_ADM).items()]
 
@@ -29,7 +29,7 @@ def test_import_openai_file_then_sample_edit_and_export(
     pytest.importorskip("diffusers")
     from diffusers import ConsistencyModelPipeline
 
-    from cmflow.serving import load_pyfunc
+    from cmflow.registry import load_pyfunc
 
     released = save_released(tmp_path / "cd_digits_l2.pt", random_adm(DIGITS_ADM, seed=2))
     argv = [

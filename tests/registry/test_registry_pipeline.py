@@ -10,9 +10,10 @@ from registry_helpers import unique
 
 from cmflow import registry
 from cmflow.engine import run_pipeline
-from cmflow.serving import load_pyfunc
-from cmflow.spec import PipelineSpec, apply_overrides, read_yaml, validate_spec
-from cmflow.tracking import client_for
+from cmflow.mlflow_client import client_for
+from cmflow.registry import load_pyfunc
+from cmflow.spec import PipelineSpec, apply_overrides, read_yaml
+from cmflow.validate import validate_spec
 
 TINY = Path(__file__).resolve().parents[2] / "pipelines" / "tiny.yaml"
 

@@ -13,6 +13,7 @@ from registry_helpers import run_task, unique
 from cmflow import registry
 from cmflow.cli.main import main
 from cmflow.errors import RegistryError
+from cmflow.mlflow_client import client_for
 from cmflow.storage import Manifest, Storage
 
 
@@ -35,7 +36,7 @@ def test_register_tags_and_gated_promotion(
     report_artifact: Callable[..., Manifest],
 ) -> None:
     name = unique("cm")
-    client = registry.client_for(mlflow_server)
+    client = client_for(mlflow_server)
     model = model_artifact(seed=1)
     first = registered_artifact(storage, mlflow_server, name, model, report_artifact(20.0))
     info = json.loads(storage.read_artifact_file(first, "registered.json"))
@@ -94,7 +95,7 @@ def test_register_is_idempotent_per_cache_key(
 ) -> None:
     """A retried register task (same cache key) reuses its version instead of registering a duplicate."""
     name = unique("cm")
-    client = registry.client_for(mlflow_server)
+    client = client_for(mlflow_server)
     run = client.create_run(registry_experiment(client))
     model = model_artifact()
     kwargs = dict(
@@ -112,7 +113,7 @@ def test_register_is_idempotent_per_cache_key(
 
 
 def registry_experiment(client: Any) -> str:
-    from cmflow.tracking import experiment_id
+    from cmflow.mlflow_client import experiment_id
 
     return experiment_id(client, "cmflow-registry-tests")
 
@@ -148,7 +149,7 @@ def test_concurrent_promotions_have_exactly_one_winner(
     report_artifact: Callable[..., Manifest],
 ) -> None:
     name = unique("cm")
-    client = registry.client_for(mlflow_server)
+    client = client_for(mlflow_server)
     first = registered_artifact(storage, mlflow_server, name, model_artifact(seed=0), report_artifact(30.0))
     assert promote(storage, mlflow_server, first)["outcome"] == "promoted"
     versions = []
@@ -164,7 +165,7 @@ def test_concurrent_promotions_have_exactly_one_winner(
 
     def attempt(version: str) -> None:
         try:
-            own = _BarrierClient(registry.client_for(mlflow_server), barrier)
+            own = _BarrierClient(client_for(mlflow_server), barrier)
             results[version] = registry.promote(own, name, version)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -197,7 +198,7 @@ def test_unfinished_move_is_rolled_forward(
 ) -> None:
     """A promoter that died after taking its ticket does not block promotion forever."""
     name = unique("cm")
-    client = registry.client_for(mlflow_server)
+    client = client_for(mlflow_server)
     for seed, fid in ((0, 30.0), (1, 20.0), (2, 10.0)):
         registered_artifact(storage, mlflow_server, name, model_artifact(seed=seed), report_artifact(fid))
     assert registry.promote(client, name, "1").outcome == "promoted"

@@ -19,7 +19,8 @@ from registry_helpers import free_port, run_task, unique
 
 from cmflow import registry
 from cmflow.cli.main import main
-from cmflow.serving import load_pyfunc
+from cmflow.mlflow_client import client_for
+from cmflow.registry import load_pyfunc
 from cmflow.storage import Manifest, Storage
 
 
@@ -33,7 +34,7 @@ def champion(
     registered = run_task(
         storage, "register", {"model_name": name, "tracking_uri": mlflow_server}, {"model": model}
     )
-    result = registry.promote(registry.client_for(mlflow_server), name, "1", force=True)
+    result = registry.promote(client_for(mlflow_server), name, "1", force=True)
     assert result.outcome == "promoted"
     assert json.loads(storage.read_artifact_file(registered, "registered.json"))["version"] == "1"
     return name, model

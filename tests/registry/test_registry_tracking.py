@@ -12,8 +12,9 @@ from registry_helpers import unique
 
 from cmflow.engine import RunRecord, run_pipeline, storage_for
 from cmflow.errors import SpecError
-from cmflow.spec import PipelineSpec, validate_spec
-from cmflow.tracking import client_for
+from cmflow.mlflow_client import client_for
+from cmflow.spec import PipelineSpec
+from cmflow.validate import validate_spec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -136,11 +137,12 @@ def test_stage_tracker_logs_png_outputs(tmp_path: Path, mlflow_server: str) -> N
     """PNG files in a stage's output become image artifacts of its run; numeric meta becomes metrics."""
     from PIL import Image
 
+    from cmflow.engine.tracking import StageTracker
     from cmflow.engine.worker import StageTask
+    from cmflow.mlflow_client import experiment_id
     from cmflow.spec import Resources
     from cmflow.stage import StageContext
     from cmflow.storage import Storage
-    from cmflow.tracking import StageTracker, experiment_id
 
     client = client_for(mlflow_server)
     exp = experiment_id(client, unique("png"))

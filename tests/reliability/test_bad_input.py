@@ -274,7 +274,7 @@ def test_missing_credentials(
 def run_stage(
     tmp: Path, kind: str, params: dict[str, Any], inputs: dict[str, str] | None = None
 ) -> StageError:
-    from cmflow.stages import STAGES
+    from cmflow.stages.table import STAGES
 
     root = tmp / "store"
     task = StageTask(
@@ -404,7 +404,7 @@ def test_bad_dataset(
 
 def _commit_digits(tmp: Path) -> dict[str, str]:
     """A real prepare_data output, committed, as the teacher stage's input."""
-    from cmflow.stages import STAGES
+    from cmflow.stages.table import STAGES
     from cmflow.storage import Storage
 
     root = tmp / "store"

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from cmflow.engine import RunRecord, list_runs, run_pipeline, storage_for
-from cmflow.spec import validate_spec
 from cmflow.storage import Storage
+from cmflow.validate import validate_spec
 
 REPO = Path(__file__).resolve().parents[2]
 

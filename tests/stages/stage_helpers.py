@@ -10,7 +10,7 @@ from typing import Any
 from cmflow.engine.worker import StageTask, execute_stage
 from cmflow.spec import Resources
 from cmflow.stage import Artifact, StageContext
-from cmflow.stages import STAGES
+from cmflow.stages.table import STAGES
 from cmflow.storage import Manifest, Storage
 
 

@@ -16,9 +16,9 @@ from stage_helpers import artifact, committed, direct_ctx, run_stage
 from cmflow.data.images import dataset_digest
 from cmflow.data.shards import read_dataset
 from cmflow.errors import InputError, SpecError, StageError
-from cmflow.spec import validate_spec
 from cmflow.stages.prepare_data import PrepareDataParams, prepare_data
 from cmflow.storage import Storage
+from cmflow.validate import validate_spec
 
 
 def _cifar_tarball(path: Path, num: int = 20, batch: bytes | None = None) -> np.ndarray:

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from cmflow.engine.driver import load_output, run_pipeline, storage_for
-from cmflow.spec import apply_overrides, read_yaml, validate_spec
+from cmflow.spec import apply_overrides, read_yaml
 from cmflow.stage import Artifact
+from cmflow.validate import validate_spec
 
 DIGITS = Path(__file__).resolve().parents[2] / "pipelines" / "digits.yaml"
 OUT = os.environ.get("CMFLOW_DIGITS_BENCHMARK")
@@ -30,10 +31,10 @@ def test_digits_pipeline_benchmark(tmp_path: Path) -> None:
     import torch
 
     from cmflow.data.sources import read_sklearn_digits
+    from cmflow.diffusion.generate import sample_range
     from cmflow.metrics.extractors import compute_stats, load_extractor
     from cmflow.metrics.stats import fid_from_stats
     from cmflow.models.io import load_model
-    from cmflow.training.generate import sample_range
 
     overrides = [f"storage.root={tmp_path / 'store'}", *os.environ.get("CMFLOW_DIGITS_SET", "").split()]
     spec = validate_spec(apply_overrides(read_yaml(DIGITS), overrides))

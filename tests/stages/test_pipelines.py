@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cmflow.spec import load_spec
+from cmflow.validate import load_spec
 
 PIPELINES = sorted((Path(__file__).resolve().parents[2] / "pipelines").glob("*.yaml"))
 

@@ -65,10 +65,10 @@ def _registered(tmp: Path, tracking: list[str], folder: Path, name: str) -> None
 
 def _cmflow_unet_model(tmp: Path, tracking: list[str]) -> None:
     """A cmflow-UNet CM registered the way the register stage does."""
+    from cmflow.mlflow_client import client_for, experiment_id
     from cmflow.models import CMPrecond, make_unet
     from cmflow.models.io import save_model
-    from cmflow.registry import client_for, register_version
-    from cmflow.tracking import experiment_id
+    from cmflow.registry import register_version
 
     folder = tmp / "unet-cm"
     save_model(CMPrecond(make_unet("tiny", 8, 1)), folder)
@@ -191,7 +191,7 @@ CLI_CASES: list[tuple[str, Callable[[Path, list[str]], list[str]], str]] = [
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """One SQLite MLflow store for the CLI cases (each checks that its own case registered nothing)."""
-    from cmflow.registry import client_for
+    from cmflow.mlflow_client import client_for
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('bad-mlflow')}/mlflow.db"
     client_for(uri).search_model_versions("")  # creates the store (its INFO lines are not a case's output)
@@ -207,7 +207,7 @@ def test_cli_bad_released_model(
     argv: Callable[[Path, list[str]], list[str]],
     pattern: str,
 ) -> None:
-    from cmflow.registry import client_for
+    from cmflow.mlflow_client import client_for
 
     if os.path.exists(MARKER):
         os.unlink(MARKER)

@@ -4,9 +4,9 @@ Runs the same loops as the stages (:mod:`cmflow.training.loop`) in one process, 
 models with the FID of :mod:`cmflow.metrics` (the shipped digits feature net, all 1797 real images as the
 reference, 5 000 generated samples unless told otherwise)::
 
-    python -m cmflow.training.tune_digits teacher --steps 2600 --out /tmp/t1
-    python -m cmflow.training.tune_digits cd --teacher /tmp/t1 --steps 2000 --lr 2e-4 --out /tmp/c1
-    python -m cmflow.training.tune_digits fid --model /tmp/c1 --sigmas 80 --sigmas 80,0.8
+    python scripts/tune_digits.py teacher --steps 2600 --out /tmp/t1
+    python scripts/tune_digits.py cd --teacher /tmp/t1 --steps 2000 --lr 2e-4 --out /tmp/c1
+    python scripts/tune_digits.py fid --model /tmp/c1 --sigmas 80 --sigmas 80,0.8
 
 Prints one JSON line per evaluation. Not used by the pipeline itself.
 """
@@ -24,11 +24,11 @@ import torch
 
 from cmflow.data.sources import read_sklearn_digits
 from cmflow.diffusion.ema import ema_update, ema_warmup_rate
+from cmflow.diffusion.generate import sample_range
 from cmflow.diffusion.losses import CDLoss, EDMLoss
 from cmflow.models.io import load_model, save_model
 from cmflow.models.precond import CMPrecond, EDMPrecond
 from cmflow.models.unet import make_unet
-from cmflow.training.generate import sample_range
 from cmflow.training.loop import (
     DataSampler,
     LoopHooks,

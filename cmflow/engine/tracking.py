@@ -6,12 +6,13 @@ each stage task opens its own child run in the worker process (:class:`StageTrac
 child run of their own (``cmflow.cache_hit=true``, the key, the manifest URI and the run that produced it).
 
 Everything goes through an explicit ``MlflowClient`` (never the fluent active-run stack or the global
-tracking URI). Params and tags pass through :func:`cmflow.spec.redact`, so storage credentials and URI
+tracking URI). Params and tags pass through :func:`cmflow.redact.redact`, so storage credentials and URI
 passwords never reach MLflow. Tracking failures after the start are logged as warnings and never fail a
 stage or a run.
 
 Default store: ``sqlite:///<storage root>/mlflow.db`` for local roots, with artifacts under
-``<root>/mlflow-artifacts``. An ``s3://`` root needs ``tracking.uri`` (an MLflow server): stage tasks
+``<root>/mlflow-artifacts`` (the URI is resolved by :func:`cmflow.mlflow_client.resolve_tracking_uri`: ``tracking.uri``, then
+``$MLFLOW_TRACKING_URI``, then that default). An ``s3://`` root needs an MLflow server: stage tasks
 on other nodes could not share a SQLite file.
 """
 
@@ -26,8 +27,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cmflow.errors import CmflowError, SpecError, StageError
-from cmflow.spec import PipelineSpec, redact, redact_uri
+from cmflow.errors import CmflowError, StageError
+from cmflow.mlflow_client import client_for, experiment_id, resolve_tracking_uri
+from cmflow.redact import redact, redact_uri
+from cmflow.spec import PipelineSpec
 
 if TYPE_CHECKING:
     from cmflow.engine.records import RunRecord, StageRecord
@@ -48,21 +51,6 @@ STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
 # Helpers
 
 
-def resolve_tracking_uri(spec: PipelineSpec) -> str:
-    """``tracking.uri``, else the SQLite store under a local storage root; s3 roots need a server."""
-    if spec.tracking.uri:
-        return spec.tracking.uri
-    root = spec.storage.root
-    if "://" in root and not root.startswith("file://"):
-        raise SpecError(
-            f"storage.root {redact_uri(root)} is not local, so tracking needs an MLflow server: set "
-            "tracking.uri (e.g. http://mlflow:5000) or tracking.enabled: false"
-        )
-    from cmflow.registry import sqlite_uri_for_root
-
-    return sqlite_uri_for_root(root)
-
-
 def _artifact_location(uri: str, spec: PipelineSpec) -> str | None:
     """Where a new experiment keeps its artifacts: under the root for SQLite stores (else MLflow's cwd)."""
     root = spec.storage.root
@@ -70,29 +58,6 @@ def _artifact_location(uri: str, spec: PipelineSpec) -> str | None:
         return None
     path = Path(root[len("file://") :] if root.startswith("file://") else root).resolve()
     return (path / "mlflow-artifacts").as_uri()
-
-
-def client_for(uri: str) -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def experiment_id(client: Any, name: str, artifact_location: str | None = None) -> str:
-    """The id of experiment ``name``, created (or restored) if needed; safe against concurrent creation."""
-    from mlflow.exceptions import MlflowException
-
-    found = client.get_experiment_by_name(name)
-    if found is None:
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            found = client.get_experiment_by_name(name)
-    if found.lifecycle_stage == "deleted":
-        client.restore_experiment(found.experiment_id)
-    return found.experiment_id
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -173,7 +138,7 @@ class PipelineTracker:
     def start(cls, spec: PipelineSpec, record: RunRecord) -> PipelineTracker:
         """Open (or, on resume, reopen) the parent run; stores its id in ``record.tracking``."""
         try:
-            uri = resolve_tracking_uri(spec)
+            uri = resolve_tracking_uri(spec.tracking.uri, spec.storage.root)
         except CmflowError as exc:
             _mark_failed(spec, record, str(exc))
             raise

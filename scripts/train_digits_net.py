@@ -1,6 +1,6 @@
 """Train the digits FID feature network and write its weights + JSON record.
 
-    python -m cmflow.metrics.train_digits_net --out cmflow/metrics/weights
+    python scripts/train_digits_net.py --out cmflow/metrics/weights
 
 Data: sklearn's bundled 8x8 digits (1797 images, no download), converted with ``digits_to_uint8``, split
 stratified into 1437 train / 360 held-out with ``--split-seed``. Training: AdamW + cosine decay, +-1 pixel
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
             "wall_s": round(train_s, 1),
             "torch": torch.__version__,
             "num_threads": torch.get_num_threads(),
-            "command": "python -m cmflow.metrics.train_digits_net --out cmflow/metrics/weights",
+            "command": "python scripts/train_digits_net.py --out cmflow/metrics/weights",
         },
         "real_feature_covariance_all_1797": health,
         "fid_sanity": fid_sanity(net, split),

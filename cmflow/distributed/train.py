@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +45,6 @@ class TrainJob:
     threads: int = 1
     use_gpu: bool = False
     reporter: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def run_config_paths(ctx: StageContext) -> tuple[str, Any]:
@@ -390,12 +389,16 @@ def _perceptual(job: TrainJob, device: Any) -> Any:
     from cmflow.training import perceptual
 
     if params.get("lpips_vgg16_uri"):
+        from cmflow.loaders import load_published_lpips
+
         options = params.get("storage_options", {})
-        net = perceptual.load_published_lpips(params["lpips_vgg16_uri"], params["lpips_lin_uri"], options)
+        net = load_published_lpips(params["lpips_vgg16_uri"], params["lpips_lin_uri"], options)
     elif job.perceptual is not None:
         net = perceptual.load_perceptual(
             job.perceptual.read_bytes(perceptual.WEIGHTS), job.perceptual.read_json(perceptual.CONFIG)
         )
     else:
-        net = perceptual.load_perceptual_uri(params["lpips_uri"], params.get("storage_options", {}))
+        from cmflow.loaders import load_perceptual_uri
+
+        net = load_perceptual_uri(params["lpips_uri"], params.get("storage_options", {}))
     return net.to(device)
