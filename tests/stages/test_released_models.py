@@ -113,3 +113,14 @@ def test_imported_diffusers_model_is_evaluated(
     assert (
         report.meta["fid_1step"] > 0 and report.meta["fid_2step"] > 0 and report.meta["midpoint_sigma"] == 0.8
     )
+
+
+def test_teacher_stage_trains_an_adm_teacher(labelled_digits: tuple[Storage, Manifest]) -> None:
+    """An adm-* preset trains the released architecture from scratch (c_noise = 250 ln sigma, as they were)."""
+    storage, data = labelled_digits
+    params = {"preset": "adm-imagenet64", "unet": OVERRIDES, "steps": 2, "batch_size": 8, "grid_samples": 0}
+    trained = run_stage(storage, "teacher", {**params, "checkpoint_every": 0}, {"data": data})
+    config = artifact(storage, trained).read_json("model.json")
+    assert config["backbone"] == "adm" and config["precond"]["c_noise_scale"] == 250.0
+    assert config["adm"] == {**asdict(DIGITS_ADM), "channel_mult": [1, 2], "attn_resolutions": [4]}
+    assert trained.meta["steps"] == 2 and trained.meta["final_loss"] > 0
