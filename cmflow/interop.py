@@ -28,12 +28,11 @@ from cmflow.errors import InputError, UsageError
 from cmflow.redact import redact_uri
 
 Format = Literal["auto", "cmflow", "openai", "diffusers"]
-PT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
 def detect_format(uri: str, options: dict[str, Any]) -> str:
-    """ "openai" for a single ``.pt``-style file, "diffusers" for a folder with ``model_index.json``, else
-    "cmflow" (a folder with ``model.json``)."""
+    """ "openai" for a single file (a ``.pt``-style state dict), "diffusers" for a folder with
+    ``model_index.json``, else "cmflow" (a folder with ``model.json``; its loader names what is missing)."""
     import fsspec
 
     try:
@@ -42,14 +41,9 @@ def detect_format(uri: str, options: dict[str, Any]) -> str:
             return "openai"
         if fs.exists(f"{path}/model_index.json"):
             return "diffusers"
-        if fs.exists(f"{path}/model.json"):
-            return "cmflow"
     except (ValueError, ImportError) as exc:
         raise InputError(f"cannot open {redact_uri(uri)}: {exc}; use a path, file:// or s3:// URI") from None
-    raise InputError(
-        f"{redact_uri(uri)} is neither a checkpoint file nor a folder with model.json or model_index.json; "
-        "point it at a released .pt file, a cmflow model folder or a diffusers pipeline folder"
-    )
+    return "cmflow"
 
 
 def read_openai_state(uri: str, options: dict[str, Any]) -> dict[str, Any]:
