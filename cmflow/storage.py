@@ -349,10 +349,11 @@ class Storage:
             return None
         return Manifest.from_json(data, uri=self.uri(self.artifact_prefix(kind, cache_key)))
 
-    def verify(self, manifest: Manifest, cache_key: str) -> str | None:
+    def verify(self, manifest: Manifest, cache_key: str, *, rehash: bool = True) -> str | None:
         """Why the artifact cannot be reused, or None when every file is present and intact.
 
-        Local roots re-hash each file; object stores compare size and the ETag recorded at commit.
+        Local roots re-hash each file (``rehash=False``: presence and size only, a cheap pre-flight);
+        object stores compare size and the ETag recorded at commit.
         """
         if manifest.cache_key != cache_key:
             return f"manifest key {manifest.cache_key[:12]} differs from {cache_key[:12]}"
@@ -366,7 +367,7 @@ class Storage:
             if int(info.get("size", -1)) != entry["size"]:
                 return f"file {name} has size {info.get('size')}, manifest says {entry['size']}"
             if self.is_local:
-                if sha256_file(path) != entry["sha256"]:
+                if rehash and sha256_file(path) != entry["sha256"]:
                     return f"file {name} does not match its sha256"
             elif entry.get("etag") and _etag(info) and _etag(info) != entry["etag"]:
                 return f"file {name} was changed (ETag differs)"

@@ -40,6 +40,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from cmflow.engine.ray_runtime import WORKER_ENV
 from cmflow.engine.records import utcnow
 from cmflow.errors import ClusterError, CmflowError, StageError, UsageError
 from cmflow.redact import redact_uri
@@ -64,7 +65,7 @@ CREDENTIAL_ENV = (
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
 )
-FIXED_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1"}
+FIXED_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1", **WORKER_ENV}
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 SPEC_FILE = "spec.yaml"

@@ -30,7 +30,7 @@ from cmflow.models.io import load_model, save_model
 from cmflow.models.precond import CMPrecond, EDMPrecond
 from cmflow.models.unet import make_unet
 from cmflow.training.loop import (
-    DataSampler,
+    ArrayBatches,
     LoopHooks,
     OptimConfig,
     TrainState,
@@ -50,7 +50,7 @@ class Scorer:
 
         self.extractor = load_extractor("digits")
         self._compute = compute_stats
-        self.ref = compute_stats(self.extractor, read_sklearn_digits().images).to_moments()
+        self.ref = compute_stats(self.extractor, read_sklearn_digits()[0]).to_moments()
 
     def fid(self, images: np.ndarray) -> float:
         from cmflow.metrics.stats import fid_from_stats
@@ -72,15 +72,15 @@ def _progress(row: dict[str, float]) -> None:
         )
 
 
-def _images() -> torch.Tensor:
-    return torch.from_numpy(read_sklearn_digits().images)
+def _images() -> np.ndarray:
+    return read_sklearn_digits()[0]
 
 
 def teacher(args: argparse.Namespace, scorer: Scorer) -> None:
     net = EDMPrecond(make_unet(args.preset, 8, 1, **json.loads(args.unet)))
     cfg = OptimConfig(lr=args.lr, optimizer=args.optimizer, lr_warmup_steps=args.warmup)
     state = TrainState(net, frozen_copy(net), make_optimizer(net.parameters(), cfg))
-    data = DataSampler(_images(), None, args.batch_size, seed=args.seed)
+    data = ArrayBatches(_images(), None, args.batch_size, seed=args.seed)
     step = teacher_step(EDMLoss(args.p_mean, args.p_std), data, cfg, args.ema)
     evals = sorted(int(s) for s in args.eval_at.split(",") if s) if args.eval_at else []
     started = time.time()
@@ -144,13 +144,13 @@ def cd(args: argparse.Namespace, scorer: Scorer) -> None:
     state = TrainState(
         student, frozen_copy(student), make_optimizer(student.parameters(), cfg), target=frozen_copy(student)
     )
-    data = DataSampler(_images(), None, args.batch_size, seed=args.seed)
+    data = ArrayBatches(_images(), None, args.batch_size, seed=args.seed)
     if args.distance == "feature":
         from cmflow.training.perceptual import feature_pair_loss, train_classifier_features
 
-        digits = read_sklearn_digits()
+        digit_images, digit_labels = read_sklearn_digits()
         net, accuracy = train_classifier_features(
-            torch.from_numpy(digits.images), torch.from_numpy(digits.labels), 10, seed=args.seed + 17
+            torch.from_numpy(digit_images), torch.from_numpy(digit_labels), 10, seed=args.seed + 17
         )
         _emit(kind="feature-net", train_accuracy=round(accuracy, 4))
         loss_fn = feature_pair_loss(CDLoss(args.num_scales), net)

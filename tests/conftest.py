@@ -84,6 +84,16 @@ def ray_session(moto_endpoint: str, _ray_temp_dir: str) -> None:
     Started on first use and kept; started again if a test in between connected this process to another
     cluster (tests/cluster does, and shuts its cluster down), so test order does not matter.
     """
+    ensure_local_ray(_ray_temp_dir)
+
+
+@pytest.fixture(scope="module")
+def ray_module(moto_endpoint: str, _ray_temp_dir: str) -> None:
+    """:func:`ray_session` for module-scoped fixtures (a teacher trained once per module)."""
+    ensure_local_ray(_ray_temp_dir)
+
+
+def ensure_local_ray(temp_dir: str) -> None:
     import ray
 
     if not ray.is_initialized():
@@ -92,7 +102,7 @@ def ray_session(moto_endpoint: str, _ray_temp_dir: str) -> None:
             num_cpus=2,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
-            _temp_dir=_ray_temp_dir,
+            _temp_dir=temp_dir,
             log_to_driver=False,
             logging_level="WARNING",
         )

@@ -97,12 +97,12 @@ def _images_from_arrays(arrays: dict[str, Any], where: str) -> Any:
 
 def load_images(uri: str) -> Any:
     """uint8 (N, C, H, W) images of an .npz or an image folder at ``uri``."""
-    from cmflow.data.sources import read_image_folder
+    from cmflow.data.sources import decode_all, open_image_folder
     from cmflow.redact import redact_uri
     from cmflow.storage import open_uri
 
     if _is_folder(uri):
-        return read_image_folder(uri, {}, None).images
+        return decode_all(open_image_folder(uri, {}, None, use_labels=False))[0]
     return _images_from_arrays(_open_npz(open_uri(uri), redact_uri(uri)), redact_uri(uri))
 
 

@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    from cmflow.engine.ray_runtime import WORKER_ENV
+
+    for name, value in WORKER_ENV.items():  # before anything imports torch: OpenMP threads that sleep
+        os.environ.setdefault(name, value)
     sys.exit(main())
 
 

@@ -1,24 +1,29 @@
-"""Consistency training under Ray Train: ``TorchTrainer`` workers run the loops of :mod:`cmflow.training.loop`.
+"""Training under Ray Train: ``TorchTrainer`` workers run the loops of :mod:`cmflow.training.loop`.
 
-:func:`fit` starts ``resources.workers`` workers with ``ScalingConfig(num_workers, use_gpu,
-resources_per_worker={"CPU", "GPU", **custom})``. The run lives at ``RunConfig(storage_path=<root>/work/<kind>,
-name=<cache key>)``, i.e. under the stage's durable work folder, so:
+The EDM teacher (``teacher``), consistency distillation (``distill``) and consistency training
+(``train_cm``: CT / iCT) all run here. :func:`fit` starts ``resources.workers`` workers with
+``ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU", "GPU", **custom})`` (DDP over gloo on
+CPUs, NCCL on GPUs). The run lives at ``RunConfig(storage_path=<root>/work/<kind>, name=<cache key>)``,
+under the stage's durable work folder, so:
 
-* every ``checkpoint_every`` steps rank 0 reports a checkpoint (online, target, EMA, optimizer, step, metric
-  rows, RNG) through ``ray.train.report`` (every rank calls it);
-* a lost worker makes Ray Train restart the group (``FailureConfig(max_failures)``) and the workers resume
-  from ``ray.train.get_checkpoint()``;
-* a rerun with the same cache key (a resumed pipeline) finds the run's snapshot in storage and resumes from
-  its last checkpoint (the Train V2 replacement for ``Trainer.restore``).
+* **data** streams from the dataset's shards through Ray Data, one dataset per lane of the sample order
+  (:mod:`cmflow.distributed.data`); rank r of W reads lanes l % W == r, each sample's noise is seeded by
+  its place in the global batch, so W workers x batch B/W train on what 1 worker x batch B does;
+* every ``checkpoint_every`` steps rank 0 reports a checkpoint (online, target, EMA, optimizer, step,
+  loss rows, RNG) through ``ray.train.report`` (every rank calls it) and waits until Ray Train has
+  registered it (``get_all_reported_checkpoints``) before training goes on, so a worker killed at any
+  moment loses at most one checkpoint interval; then it records the step as the data position;
+* a lost worker makes Ray Train restart the group (``FailureConfig(max_failures)``); the workers resume
+  from ``ray.train.get_checkpoint()`` and the lane datasets are rebuilt from the data position;
+* a rerun with the same cache key (a resumed pipeline) finds the run's snapshot in storage and resumes
+  from its last checkpoint (the Train V2 replacement for ``Trainer.restore``).
 
-The global batch is split evenly over the workers (each draws its own minibatch with a per-rank RNG); the
-gradients are averaged by DDP. Rank 0 sends progress and metric rows to the live display through the
-stage's reporter (a picklable wrapper of the ProgressHub actor handle).
+Rank 0 sends progress and loss/throughput rows to the live display through the stage's reporter.
 """
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -27,8 +32,10 @@ from typing import Any, Literal
 
 from cmflow.errors import InputError, StageError
 from cmflow.stage import Artifact, StageContext
+from cmflow.storage import Storage
 
-Method = Literal["cd", "ct", "ict"]
+Method = Literal["edm", "cd", "ct", "ict"]
+CHECKPOINT_DIR = re.compile(r"^checkpoint_\d{4}-\d{2}-\d{2}_[\d.-]+$")
 
 
 @dataclass
@@ -40,17 +47,17 @@ class TrainJob:
     seed: int
     stage: str
     data: Artifact
+    num_classes: int = 0  # labels are fed to the network only when it is class-conditional
     teacher: Artifact | None = None
     perceptual: Artifact | None = None  # a perceptual_net output, for distance lpips / feature
     threads: int = 1
     use_gpu: bool = False
     reporter: Any = None
+    stream: Any = None  # a cmflow.distributed.data.StreamPlan, filled in by fit()
 
 
 def run_config_paths(ctx: StageContext) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) of the stage's Ray Train runs: ``<root>/work/<kind>``."""
-    from cmflow.storage import Storage
-
     prefix = Storage.work_prefix(ctx.kind, ctx.cache_key).rsplit("/", 1)[0]
     storage = ctx.storage
     if storage.is_local:
@@ -62,25 +69,79 @@ def run_config_paths(ctx: StageContext) -> tuple[str, Any]:
     return storage.path(prefix), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.fs))
 
 
+def stream_plan(job: TrainJob, ctx: StageContext) -> Any:
+    """The sample order and stream of ``job``'s dataset (lanes default to the worker count)."""
+    import json
+
+    from cmflow.data.shards import DatasetInfo
+    from cmflow.distributed.data import StreamPlan
+    from cmflow.training.order import SampleOrder
+
+    params, workers = job.params, ctx.resources.workers
+    info = DatasetInfo.parse(job.data.read_bytes("dataset.json"))
+    damaged = job.data.storage.verify(job.data.manifest, job.data.manifest.cache_key, rehash=False)
+    if damaged:  # a shard gone or cut short: refuse before any worker starts (reads check sha256 too)
+        raise InputError(
+            f"stages.{ctx.stage}: its dataset artifact is damaged ({damaged}); run the pipeline again: its cache "
+            "check recomputes a damaged dataset"
+        )
+    lanes = params.get("lanes") or workers
+    where = f"stages.{ctx.stage}"
+    if lanes % workers:
+        raise InputError(
+            f"{where}: {workers} workers cannot share {lanes} lanes evenly; set params.lanes to a multiple of "
+            "resources.workers"
+        )
+    if params["batch_size"] % lanes:
+        raise InputError(
+            f"{where}: batch_size {params['batch_size']} is not divisible by the {lanes} lanes"
+            f"{' (one per worker)' if not params.get('lanes') else ''}; use a multiple of {lanes}"
+        )
+    if lanes > info.num_images:
+        raise InputError(f"{where}: {lanes} lanes for {info.num_images} images; use fewer workers or lanes")
+    window = params.get("shuffle_window") or int(info.raw.get("shard_images") or max(info.shard_sizes))
+    manifest = json.loads(job.data.manifest.to_json())
+    manifest["uri"] = job.data.manifest.uri
+    return StreamPlan(
+        storage_root=ctx.storage.root,
+        storage_options=ctx.storage.options,
+        manifest=json.dumps(manifest),
+        info=info.raw,
+        order=SampleOrder(info.shard_sizes, job.seed, lanes, window),
+        batch_size=params["batch_size"],
+        total_steps=params["steps"],
+        seed=job.seed,
+        work_key=Storage.work_prefix(ctx.kind, ctx.cache_key),
+    )
+
+
 def fit(job: TrainJob, ctx: StageContext, *, max_failures: int = 3) -> dict[str, Any]:
     """Run the job on ``ctx.resources.workers`` Ray Train workers; returns the final checkpoint's contents."""
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
+    from cmflow.distributed.data import LaneDataset
     from cmflow.training.checkpoint import FILENAME, load_checkpoint
 
     resources = ctx.resources
+    job.stream = stream_plan(job, ctx)
     per_worker = {
         "CPU": resources.cpus,
         **({"GPU": resources.gpus} if resources.gpus else {}),
         **resources.custom,
     }
     storage_path, filesystem = run_config_paths(ctx)
+    lanes = job.stream.order.lanes
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers, use_gpu=resources.gpus > 0, resources_per_worker=per_worker
+        ),
+        datasets={f"lane{lane}": LaneDataset(job.stream, lane) for lane in range(lanes)},
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
         ),
         run_config=ray.train.RunConfig(
             name=ctx.cache_key,
@@ -100,15 +161,28 @@ def fit(job: TrainJob, ctx: StageContext, *, max_failures: int = 3) -> dict[str,
         content = load_checkpoint((Path(folder) / FILENAME).read_bytes())
     if not content.get("done"):
         raise StageError(f"stage {ctx.stage!r}: the last checkpoint is not the final one; resume the run")
+    _remove_unregistered_checkpoints(ctx, result)
     return content
 
 
+def _remove_unregistered_checkpoints(ctx: StageContext, result: Any) -> None:
+    """Delete checkpoint folders of the run that Ray Train does not keep (uploads cut off by a lost worker)."""
+    kept = {str(result.checkpoint.path).rstrip("/").rsplit("/", 1)[-1]}
+    kept |= {str(c.path).rstrip("/").rsplit("/", 1)[-1] for c, _ in (result.best_checkpoints or [])}
+    run = f"{Storage.work_prefix(ctx.kind, ctx.cache_key)}"
+    for name in ctx.storage.list(run):  # Ray Train names them checkpoint_<date>_<time>
+        if CHECKPOINT_DIR.match(name) and name not in kept:
+            ctx.storage.delete(f"{run}/{name}", recursive=True)
+
+
 def _training_error(ctx: StageContext, exc: BaseException, max_failures: int) -> str:
+    from cmflow.distributed.errors import unwrap
+    from cmflow.errors import CmflowError
+
+    inner = unwrap(exc)
+    if isinstance(inner, CmflowError):
+        return f"stage {ctx.stage!r}: {' '.join(str(inner).split())[:400]}"
     text = " ".join(str(exc).split())
-    for known in (InputError, StageError):
-        if known.__name__ in text:
-            inner = text.split(f"{known.__name__}:", 1)[-1].strip()
-            return f"stage {ctx.stage!r}: {inner[:400]}"
     return (
         f"stage {ctx.stage!r}: Ray Train failed ({type(exc).__name__}: {text[:400]}) after up to {max_failures} "
         "restarts; fix the cause and resume the run (it continues from the last checkpoint)"
@@ -124,13 +198,14 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from cmflow.distributed.data import StreamBatches
+
     job: TrainJob = config["job"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    _write_pid(job, rank)
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     torch.set_num_threads(job.threads)
-    run = build_run(job, device, rank, world)
+    run = build_run(job, StreamBatches(job.stream, rank, world, device), device)
     previous = ray.train.get_checkpoint()
     if previous is not None:
         from cmflow.training.checkpoint import FILENAME, load_checkpoint, restore
@@ -147,7 +222,6 @@ def train_worker(config: dict[str, Any]) -> None:
     from cmflow.training.loop import LoopHooks, run_loop
 
     params = job.params
-    step_fn = run.make_step(forward)
     hooks = LoopHooks(
         on_log=lambda row: _on_log(job, rank, row, params["steps"]),
         on_checkpoint=lambda state: _periodic_report(job, state, rank),
@@ -156,7 +230,7 @@ def train_worker(config: dict[str, Any]) -> None:
     )
     run_loop(
         run.state,
-        step_fn,
+        run.make_step(forward),
         total_steps=params["steps"],
         images_per_step=params["batch_size"],
         log_every=params["log_every"],
@@ -167,13 +241,6 @@ def train_worker(config: dict[str, Any]) -> None:
     flush = getattr(job.reporter, "flush", None)
     if rank == 0 and flush is not None:
         flush(job.stage)
-
-
-def _write_pid(job: TrainJob, rank: int) -> None:
-    pid_dir = job.params.get("pid_dir")
-    if pid_dir:
-        os.makedirs(pid_dir, exist_ok=True)
-        Path(pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
 
 
 def _on_log(job: TrainJob, rank: int, row: dict[str, float], total: int) -> None:
@@ -203,7 +270,7 @@ def _periodic_report(job: TrainJob, state: Any, rank: int) -> None:
 
 
 def _report(job: TrainJob, state: Any, rank: int, *, final: bool) -> None:
-    """Every rank calls ``ray.train.report``; rank 0 attaches the checkpoint."""
+    """Every rank calls ``ray.train.report``; rank 0 attaches the checkpoint and waits until it is registered."""
     import ray.train
 
     from cmflow.training.checkpoint import FILENAME, checkpoint_bytes
@@ -219,10 +286,9 @@ def _report(job: TrainJob, state: Any, rank: int, *, final: bool) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    pid_dir = job.params.get("pid_dir")
-    if pid_dir:
-        with open(Path(pid_dir, "checkpoints.txt"), "a") as handle:
-            handle.write(f"{state.step}\n")
+    # durable before training goes on: Ray Train has uploaded, registered and snapshotted it
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    job.stream.record_position(state.step)
 
 
 def _budget(time_budget_s: float | None, world: int) -> Any:
@@ -264,23 +330,18 @@ class _Run:
     make_step: Any  # forward module -> StepFn
 
 
-def build_run(job: TrainJob, device: Any, rank: int, world: int) -> _Run:
-    """Networks, optimizer, data sampler and step function of ``job`` on ``device`` (rank ``rank`` of ``world``)."""
+def build_run(job: TrainJob, data: Any, device: Any) -> _Run:
+    """Networks, optimizer and step function of ``job`` on ``device``, drawing batches from ``data``."""
     import torch
 
-    from cmflow.data.shards import read_dataset
     from cmflow.diffusion import losses
     from cmflow.training import loop
 
     params = job.params
-    if params["batch_size"] % world:
-        raise InputError(f"batch_size {params['batch_size']} is not divisible by the {world} workers")
-    images, labels, _info = read_dataset(job.data.read_bytes)
-    torch.manual_seed(job.seed)  # same initial weights on every rank and every rerun
-    online = _initial_network(job, images).to(device)
-    num_classes = online.backbone.config.num_classes
-    if num_classes and labels is None:
-        raise InputError("the network is class-conditional but the dataset has no labels")
+    torch.manual_seed(job.seed)  # the same initial weights on every rank and every rerun
+    online = _initial_network(job).to(device)
+    if not online.backbone.config.num_classes:
+        data = _WithoutLabels(data)
     cfg = loop.OptimConfig(
         lr=params["lr"], optimizer=params["optimizer"], lr_warmup_steps=params["lr_warmup_steps"]
     )
@@ -290,14 +351,10 @@ def build_run(job: TrainJob, device: Any, rank: int, world: int) -> _Run:
         optimizer=loop.make_optimizer(online.parameters(), cfg),
         target=loop.frozen_copy(online) if job.method in ("cd", "ct") else None,
     )
-    data = loop.DataSampler(
-        torch.from_numpy(images),
-        torch.from_numpy(labels) if (labels is not None and num_classes) else None,
-        params["batch_size"] // world,
-        seed=job.seed,
-        rank=rank,
-        device=device,
-    )
+    ema_rate = params["ema_rate"]
+    if job.method == "edm":
+        edm_loss = losses.EDMLoss(params["p_mean"], params["p_std"])
+        return _Run(state, lambda fwd: loop.teacher_step(edm_loss, data, cfg, ema_rate, forward=fwd))
     net = _perceptual(job, device)
     feature = params["distance"] == "feature"  # the net at native resolution, through feature_pair_loss
     common = {
@@ -314,7 +371,6 @@ def build_run(job: TrainJob, device: Any, rank: int, world: int) -> _Run:
 
         return feature_pair_loss(loss_fn, net)
 
-    ema_rate = params["ema_rate"]
     if job.method == "cd":
         teacher = _teacher(job, device)
         loss_fn = wrap(losses.CDLoss(params["num_scales"], **common))
@@ -324,36 +380,31 @@ def build_run(job: TrainJob, device: Any, rank: int, world: int) -> _Run:
                 loss_fn, teacher, data, cfg, mu=params["mu"], ema_rate=ema_rate, forward=fwd
             ),
         )
+    curriculum = {
+        "total_steps": params["steps"],
+        "s0": params["s0"],
+        "s1": params["s1"],
+        "ema_rate": ema_rate,
+    }
     if job.method == "ct":
         ct_loss = wrap(losses.CTLoss(**common))
         return _Run(
-            state,
-            lambda fwd: loop.ct_step(
-                ct_loss,
-                data,
-                cfg,
-                total_steps=params["steps"],
-                s0=params["s0"],
-                s1=params["s1"],
-                mu0=params["mu0"],
-                ema_rate=ema_rate,
-                forward=fwd,
-            ),
+            state, lambda fwd: loop.ct_step(ct_loss, data, cfg, mu0=params["mu0"], forward=fwd, **curriculum)
         )
     ict_loss = wrap(losses.ICTLoss(p_mean=params["p_mean"], p_std=params["p_std"], **common))
-    return _Run(
-        state,
-        lambda fwd: loop.ict_step(
-            ict_loss,
-            data,
-            cfg,
-            total_steps=params["steps"],
-            s0=params["s0"],
-            s1=params["s1"],
-            ema_rate=ema_rate,
-            forward=fwd,
-        ),
-    )
+    return _Run(state, lambda fwd: loop.ict_step(ict_loss, data, cfg, forward=fwd, **curriculum))
+
+
+class _WithoutLabels:
+    """A batch source whose labels are dropped (an unconditional network trained on a labelled dataset)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def batch(self, step: int) -> Any:
+        from dataclasses import replace
+
+        return replace(self.inner.batch(step), labels=None)
 
 
 def _teacher(job: TrainJob, device: Any) -> Any:
@@ -364,21 +415,22 @@ def _teacher(job: TrainJob, device: Any) -> Any:
     return model.to(device).eval().requires_grad_(False)
 
 
-def _initial_network(job: TrainJob, images: Any) -> Any:
-    """CD: the student starts as the teacher's (EMA) weights; CT/iCT: a fresh network from preset + unet."""
-    from cmflow.models.precond import CMPrecond
+def _initial_network(job: TrainJob) -> Any:
+    """The EDM teacher or CT/iCT student: fresh from preset + unet; the CD student: the teacher's weights."""
+    from cmflow.training.builders import build_cm, build_edm
 
     if job.method == "cd":
-        return CMPrecond.from_edm(_teacher(job, "cpu")).requires_grad_(True)
-    from cmflow.training.builders import build_cm
+        from cmflow.models.precond import CMPrecond
 
-    return build_cm(
-        job.params["preset"],
-        job.params["unet"],
-        images.shape[1],
-        images.shape[2],
-        f"stages.{job.stage}.params",
-    )
+        return CMPrecond.from_edm(_teacher(job, "cpu")).requires_grad_(True)
+    channels, resolution, _ = _shape(job)
+    build = build_edm if job.method == "edm" else build_cm
+    return build(job.params["preset"], job.params["unet"], channels, resolution, f"stages.{job.stage}.params")
+
+
+def _shape(job: TrainJob) -> tuple[int, int, int]:
+    info = job.stream.info
+    return int(info["channels"]), int(info["resolution"]), int(info["resolution"])
 
 
 def _perceptual(job: TrainJob, device: Any) -> Any:

@@ -13,6 +13,17 @@ from cmflow.spec import Resources
 
 log = logging.getLogger(__name__)
 
+#: the environment of every Ray worker of a run: OpenMP threads that sleep when idle instead of spinning
+#: (a spinning pool steals the CPU from every other process on the node -- training ran 7-15x slower next
+#: to another job), for GNU OpenMP (torch's CPU wheels) and Intel OpenMP alike. Each task then sizes its
+#: torch threads to the CPUs it holds (:func:`cmflow.distributed.tasks.task_threads`).
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0"}
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """:data:`WORKER_ENV` for a process that runs ``threads`` torch threads."""
+    return {**WORKER_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
 
 class RayRuntime:
     """Ray for one pipeline run: a local Ray cmflow starts (and stops), or an existing cluster."""
@@ -32,7 +43,12 @@ class RayRuntime:
             pass  # inside a Ray job, or a caller's own ray.init(): use that cluster
         elif self.address:
             try:
-                ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
+                ray.init(
+                    address=self.address,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                    runtime_env={"env_vars": dict(WORKER_ENV)},
+                )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise ClusterError(
                     f"cannot reach the Ray cluster at {self.address}: {exc}; check the address or drop "
@@ -50,6 +66,7 @@ class RayRuntime:
                 logging_level=logging.WARNING,
                 log_to_driver=False,
                 configure_logging=True,
+                runtime_env={"env_vars": dict(WORKER_ENV)},
             )
             self.started_here = True
         self.hub = _progress_hub_class().options(num_cpus=0).remote()

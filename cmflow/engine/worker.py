@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -102,7 +101,6 @@ def execute_stage(task: StageTask) -> str:
             tracking=task.tracking,
             reporter=reporter,
         )
-        os.environ["OMP_NUM_THREADS"] = str(ctx.num_threads)
         params = definition.params_model.model_validate(task.params)
         tracker = _stage_tracker(task, ctx)
         try:

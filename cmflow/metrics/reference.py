@@ -100,24 +100,26 @@ def reference_key(
     extractor_name: str,
     resolution: int | tuple[int, int],
     extractor_digest: str | None = None,
+    num_images: int | None = None,
 ) -> str:
     """Cache key of the reference statistics for (dataset, extractor, resolution).
 
     Returns a readable, path-safe string ``fid-ref-<extractor>-<res>-<hash16>``. The hash covers all the
     inputs and :data:`STATS_FORMAT_VERSION`. Pass ``extractor_digest`` (the sha256 of the extractor's
-    weights) so that retrained or different weights never reuse stale statistics.
+    weights) so that retrained or different weights never reuse stale statistics, and ``num_images`` when
+    the statistics cover only the dataset's first ``num_images`` rows.
     """
     res = (resolution, resolution) if isinstance(resolution, int) else tuple(int(r) for r in resolution)
-    payload = json.dumps(
-        {
-            "dataset": dataset_digest,
-            "extractor": extractor_name,
-            "extractor_digest": extractor_digest,
-            "resolution": list(res),
-            "format_version": STATS_FORMAT_VERSION,
-        },
-        sort_keys=True,
-    )
+    fields: dict[str, Any] = {
+        "dataset": dataset_digest,
+        "extractor": extractor_name,
+        "extractor_digest": extractor_digest,
+        "resolution": list(res),
+        "format_version": STATS_FORMAT_VERSION,
+    }
+    if num_images is not None:
+        fields["num_images"] = int(num_images)
+    payload = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in extractor_name)
     return f"fid-ref-{safe_name}-{res[0]}x{res[1]}-{digest}"

@@ -40,20 +40,23 @@ def as_float64(x: Any) -> np.ndarray:
 class FeatureStats:
     """Streaming float64 accumulator of the first two moments of feature vectors.
 
-    Keeps ``n``, a shift ``c`` (the mean of the first batch) and the shifted sums ``sum(x - c)`` and
-    ``sum((x - c)(x - c)^T)``. Shifting by a value near the mean avoids the catastrophic cancellation of the
-    plain ``sum(x x^T) - n mu mu^T`` formula when features have a large mean relative to their spread (it is
-    the same Sigma x / Sigma xx^T accumulation as EDM's ``fid.py``, on shifted data). The covariance is the
-    unbiased one (divides by n - 1).
+    Keeps ``n``, a shift ``c`` and the shifted sums ``sum(x - c)`` and ``sum((x - c)(x - c)^T)``. Shifting by
+    a value near the mean avoids the catastrophic cancellation of the plain ``sum(x x^T) - n mu mu^T`` formula
+    when features have a large mean relative to their spread (it is the same Sigma x / Sigma xx^T
+    accumulation as EDM's ``fid.py``, on shifted data). The covariance is the unbiased one (divides by n - 1).
 
     Args:
         num_features: feature dimension; inferred from the first update if None.
         keep_features: also keep raw feature rows (as float32) for KID / precision-recall. ``True`` keeps all
             rows, an int keeps at most that many (the first ones seen), ``False``/``0`` keeps none.
+        shift: ``c``; default the mean of the first batch. Accumulators of one quantity computed in separate
+            tasks with the same shift (the reference mean, say) merge by plain addition of their sums.
     """
 
-    def __init__(self, num_features: int | None = None, keep_features: bool | int = False) -> None:
-        self.num_features = num_features
+    def __init__(
+        self, num_features: int | None = None, keep_features: bool | int = False, shift: Any = None
+    ) -> None:
+        self.num_features = num_features if shift is None else int(np.asarray(shift).shape[0])
         if keep_features is True:
             self.max_kept: int | None = None
         elif keep_features is False:
@@ -66,6 +69,10 @@ class FeatureStats:
         self._shift: np.ndarray | None = None
         self._s1: np.ndarray | None = None  # sum(x - c)            (D,)
         self._s2: np.ndarray | None = None  # sum((x-c)(x-c)^T)     (D, D)
+        if shift is not None:
+            self._shift = as_float64(shift).reshape(-1).copy()
+            self._s1 = np.zeros_like(self._shift)
+            self._s2 = np.zeros((self._shift.shape[0], self._shift.shape[0]))
         self._kept: list[np.ndarray] = []
         self._num_kept = 0
 
@@ -117,6 +124,12 @@ class FeatureStats:
         for part in (self, other):
             for rows in part._kept:
                 out._keep(rows)
+        if (
+            self._shift is not None and other._shift is not None and np.array_equal(self._shift, other._shift)
+        ):  # one shift: the sums simply add
+            out.n, out._shift = self.n + other.n, self._shift.copy()
+            out._s1, out._s2 = self._s1 + other._s1, self._s2 + other._s2  # type: ignore[operator]
+            return out
         if other.n == 0 or self.n == 0:
             src = self if other.n == 0 else other
             if src.n:

@@ -3,7 +3,7 @@
 Both run ``resources.workers`` Ray Train workers (:mod:`cmflow.distributed.train`) with checkpoints under
 the stage's work folder (a rerun resumes), then write the evaluation EMA of the student as
 ``model.safetensors`` + ``model.json`` (kind "cm"; ``sampling.two_step_sigmas = [80, midpoint_sigma]``),
-the raw student as ``online.safetensors``, ``metrics.jsonl`` (loss and img/s per log step) and the sample
+the raw student as ``online.safetensors``, ``metrics.jsonl`` (the loss per log step) and the sample
 grids ``samples-1step.png`` / ``samples-2step.png``.
 """
 
@@ -13,19 +13,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from cmflow.stage import Artifact, ParamsModel, StageContext, stage
-from cmflow.stages.teacher import Preset
-
-IGNORED = ("log_every", "max_failures", "pid_dir")
+from cmflow.stage import Artifact, StageContext, stage
+from cmflow.stages.common import RUN_IGNORED, Preset, RunParams, log_rows, save_grids
 
 
-class _ConsistencyParams(ParamsModel):
-    lr: float = Field(1e-4, gt=0)
-    optimizer: Literal["adam", "radam"] = "adam"
-    lr_warmup_steps: int = Field(0, ge=0)
-    batch_size: int = Field(128, ge=1, description="Global batch, split evenly over the Ray Train workers.")
-    steps: int = Field(2000, ge=0)
-    ema_rate: float = Field(0.999, ge=0, le=1, description="Evaluation EMA of the student (with warm-up).")
+class _ConsistencyParams(RunParams):
     distance: Literal["l2", "l1", "pseudo_huber", "lpips", "feature"] = Field(
         "l2",
         description="d(x, y). lpips: an LPIPS-style net on images resized to 224 (the paper); feature: the same "
@@ -51,17 +43,6 @@ class _ConsistencyParams(ParamsModel):
     midpoint_sigma: float = Field(
         0.8, gt=0.002, lt=80, description="tau of the default 2-step sampler [80, tau]."
     )
-    seed: int = Field(0, ge=0, description="Combined with the pipeline seed.")
-    checkpoint_every: int = Field(500, ge=0, description="Steps between checkpoints (0: only the final one).")
-    time_budget_s: float | None = Field(
-        None, gt=0, description="Stop early after this much training time (makes the output time-dependent)."
-    )
-    grid_samples: int = Field(64, ge=0, le=1024, description="Samples per grid PNG (0: no grids).")
-    log_every: int = Field(50, ge=1, description="Steps between metric rows (not part of the cache key).")
-    max_failures: int = Field(
-        3, ge=0, description="Ray Train restarts after lost workers (not in the cache key)."
-    )
-    pid_dir: str | None = Field(None, description="Testing only: workers write rank<i>.pid files here.")
 
     @model_validator(mode="after")
     def _lpips_uri(self) -> _ConsistencyParams:
@@ -118,10 +99,10 @@ class TrainCMParams(_ConsistencyParams):
 @stage(
     "distill",
     params=DistillParams,
-    version="1",
+    version="2",
     inputs=("teacher", "data"),
     optional_inputs=("perceptual",),
-    cache_ignore=IGNORED,
+    cache_ignore=RUN_IGNORED,
     distributed=True,
 )
 def distill(params: DistillParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
@@ -147,10 +128,10 @@ def distill(params: DistillParams, inputs: dict[str, Artifact], ctx: StageContex
 @stage(
     "train_cm",
     params=TrainCMParams,
-    version="1",
+    version="2",
     inputs=("data",),
     optional_inputs=("perceptual",),
-    cache_ignore=IGNORED,
+    cache_ignore=RUN_IGNORED,
     distributed=True,
 )
 def train_cm(params: TrainCMParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
@@ -181,21 +162,24 @@ def _train_and_write(
     *,
     teacher_digest: str | None,
 ) -> dict[str, Any]:
-    import torch
-
+    from cmflow.data.shards import DatasetInfo
     from cmflow.diffusion.rng import mix_seed
     from cmflow.distributed.train import TrainJob, fit
+    from cmflow.errors import InputError
     from cmflow.models.io import build_model, save_model, weights_bytes
 
-    torch.set_num_threads(ctx.num_threads)
-    info = inputs["data"].read_json("dataset.json")
+    info = DatasetInfo.parse(inputs["data"].read_bytes("dataset.json"))
     has_net = params.lpips_uri or params.lpips_vgg16_uri or "perceptual" in inputs
     if params.distance in ("lpips", "feature") and not has_net:
-        from cmflow.errors import InputError
-
         raise InputError(
             f"stage {ctx.stage!r}: distance {params.distance!r} needs a perceptual network; wire "
             "inputs.perceptual to a perceptual_net stage, or set lpips_vgg16_uri + lpips_lin_uri (or lpips_uri)"
+        )
+    num_classes = int(config.get("num_classes", 0) or 0)
+    if num_classes and not info.has_labels:
+        raise InputError(
+            f"stage {ctx.stage!r}: the network is class-conditional but the dataset has no labels; set "
+            "use_labels: true in prepare_data"
         )
     job = TrainJob(
         method=method,  # type: ignore[arg-type]
@@ -203,6 +187,7 @@ def _train_and_write(
         seed=mix_seed(params.seed, ctx.seed),
         stage=ctx.stage,
         data=inputs["data"],
+        num_classes=num_classes,
         teacher=inputs.get("teacher"),
         perceptual=inputs.get("perceptual"),
         threads=ctx.num_threads,
@@ -211,43 +196,28 @@ def _train_and_write(
     )
     ctx.progress(0, params.steps, message=f"starting {ctx.resources.workers} Ray Train worker(s)")
     content = fit(job, ctx, max_failures=params.max_failures)
-    for row in content["metrics"]:
-        ctx.log_metrics(int(row["step"]), loss=row["loss"])
-        ctx.log_timing(int(row["step"]), imgs_per_s=row["imgs_per_s"])
+    log_rows(ctx, content["metrics"])
     student, online = build_model(config), build_model(config)
     student.load_state_dict(content["ema"])
     online.load_state_dict(content["online"])
     extra: dict[str, Any] = {
         "sampling": {"two_step_sigmas": [80.0, float(params.midpoint_sigma)], "one_step_sigmas": [80.0]},
-        "dataset_digest": info["digest"],
+        "dataset_digest": info.digest,
         "method": method,
         "steps": int(content["step"]),
     }
     if teacher_digest is not None:
         extra["teacher_digest"] = teacher_digest
-    save_model(student.eval(), ctx.out_dir, **extra)
+    saved = save_model(student.eval(), ctx.out_dir, **extra)
     (ctx.out_dir / "online.safetensors").write_bytes(weights_bytes(online))
-    _grids(student, config, params, ctx)
+    grids = {
+        "samples-1step.png": {"method": "cm", "sigmas": [80.0]},
+        "samples-2step.png": {"method": "cm", "sigmas": [80.0, float(params.midpoint_sigma)]},
+    }
+    save_grids((ctx.out_dir / "model.safetensors").read_bytes(), saved, grids, params.grid_samples, ctx)
     rows = content["metrics"]
     return {
         "steps": int(content["step"]),
         "final_loss": float(rows[-1]["loss"]) if rows else None,
         "resumed_from_step": int(content.get("resumed_from_step", 0)),
     }
-
-
-def _grids(model: Any, config: dict[str, Any], params: _ConsistencyParams, ctx: StageContext) -> None:
-    if params.grid_samples == 0:
-        return
-    from cmflow.data.images import save_grid
-    from cmflow.diffusion.generate import sample_range
-
-    image = config["image"]
-    kwargs = {
-        "shape": (image["channels"], image["resolution"], image["resolution"]),
-        "method": "cm",
-        "num_classes": config.get("num_classes", 0),
-    }
-    for name, sigmas in (("samples-1step.png", [80.0]), ("samples-2step.png", [80.0, params.midpoint_sigma])):
-        images, _ = sample_range(model.eval(), 0, params.grid_samples, 256, sigmas=sigmas, **kwargs)
-        save_grid(images, ctx.out_dir / name)

@@ -9,9 +9,10 @@ finds it there, and retrained or different extractor weights never reuse stale s
     features.npy    float32 (K, D): features of K real images (all of them, or a fixed random subset of
                     REF_MAX_FEATURES), for KID and precision/recall
 
-The images are fed through the extractor in a fixed pseudo-random order (numpy ``default_rng(0)``), so the
-kept features are an unbiased subset even when the dataset is sorted by class; FID's moments do not depend on
-the order. A concurrent second writer adopts the first one's commit (:meth:`cmflow.storage.Storage.commit`).
+The evaluate stage computes the statistics in parallel tasks over slices of the dataset and merges them; the
+kept rows are a fixed pseudo-random subset of row indices (numpy ``default_rng(0)``, :func:`kept_rows`), an
+unbiased subset even when the dataset is sorted by class. A concurrent second writer adopts the first one's
+commit (:meth:`cmflow.storage.Storage.commit`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,8 @@ __all__ = [
     "REFERENCE_KIND",
     "REF_MAX_FEATURES",
     "Reference",
-    "get_reference",
+    "commit_reference",
+    "kept_rows",
     "lookup_reference",
     "reference_cache_key",
 ]
@@ -87,9 +88,15 @@ def reference_cache_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _key_for(dataset_digest: str, extractor: Any, resolution: int | tuple[int, int]) -> str:
+def _key_for(
+    dataset_digest: str, extractor: Any, resolution: int | tuple[int, int], num_images: int | None = None
+) -> str:
     return reference_key(
-        dataset_digest, extractor.name, resolution, extractor_digest=extractor.weights_sha256
+        dataset_digest,
+        extractor.name,
+        resolution,
+        extractor_digest=extractor.weights_sha256,
+        num_images=num_images,
     )
 
 
@@ -109,70 +116,42 @@ def _read(storage: Any, manifest: Any, key: str, hit: bool) -> Reference:
 
 
 def lookup_reference(
-    storage: Any, dataset_digest: str, extractor: Any, resolution: int | tuple[int, int]
+    storage: Any,
+    dataset_digest: str,
+    extractor: Any,
+    resolution: int | tuple[int, int],
+    num_images: int | None = None,
 ) -> Reference | None:
     """The cached reference for (dataset, extractor + weights, resolution), or None when not computed yet."""
     from cmflow.cache import lookup
 
-    key = _key_for(dataset_digest, extractor, resolution)
+    key = _key_for(dataset_digest, extractor, resolution, num_images)
     found = lookup(storage, REFERENCE_KIND, reference_cache_key(key))
     return _read(storage, found.manifest, key, hit=True) if found.hit else None
 
 
-def _ordered_batches(images: np.ndarray, order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    for start in range(0, order.shape[0], batch_size):
-        yield images[order[start : start + batch_size]]
+def kept_rows(num_images: int, max_features: int = REF_MAX_FEATURES) -> np.ndarray:
+    """The rows whose features the reference keeps: all of them, or a fixed random subset (sorted)."""
+    if num_images <= max_features:
+        return np.arange(num_images, dtype=np.int64)
+    rows = np.random.default_rng(_ORDER_SEED).choice(num_images, max_features, replace=False)
+    return np.sort(rows).astype(np.int64)
 
 
-def get_reference(
+def commit_reference(
     storage: Any,
-    load_images: Callable[[], np.ndarray],
+    stats: Any,
+    features: np.ndarray,
     *,
     dataset_digest: str,
     extractor: Any,
     resolution: int | tuple[int, int],
-    batch_size: int = 256,
-    max_features: int = REF_MAX_FEATURES,
-    on_batch: Callable[[int, int], None] | None = None,
+    num_images: int | None = None,
     producer: dict[str, Any] | None = None,
 ) -> Reference:
-    """The reference for (dataset, extractor, resolution): from the store, or computed once and committed.
-
-    Args:
-        storage: a :class:`cmflow.storage.Storage`.
-        load_images: returns all real images, uint8 (N, C, H, W); only called on a miss.
-        dataset_digest: the dataset's content digest (``dataset.json`` ``digest``).
-        extractor: a loaded :class:`cmflow.metrics.extractors.FeatureExtractor` (with ``weights_sha256``).
-        resolution: the images' resolution (part of the key).
-        batch_size: images per extractor call.
-        max_features: real feature rows kept in ``features.npy`` (a fixed random subset when N is larger).
-        on_batch: ``on_batch(done, total)`` after each batch of a computation (progress).
-        producer: provenance recorded in the manifest (run id, stage).
-    """
-    from cmflow.metrics.extractors import compute_stats
-
-    cached = lookup_reference(storage, dataset_digest, extractor, resolution)
-    if cached is not None:
-        return cached
-    key = _key_for(dataset_digest, extractor, resolution)
-    images = load_images()
-    total = int(images.shape[0])
-    order = np.random.default_rng(_ORDER_SEED).permutation(total)
-    done = 0
-
-    def progress(count: int) -> None:
-        nonlocal done
-        done += count
-        if on_batch is not None:
-            on_batch(done, total)
-
-    stats = compute_stats(
-        extractor,
-        _ordered_batches(images, order, batch_size),
-        batch_size=batch_size,
-        keep_features=int(max_features),
-        on_batch=progress,
-    )
+    """Commit computed reference statistics (a ``FeatureStats`` of the real images and the kept feature rows)
+    as the write-once ``fid_reference`` artifact (a racing writer adopts the first commit) and read it back."""
+    key = _key_for(dataset_digest, extractor, resolution, num_images)
     mu, sigma = stats.to_moments()
     meta = {
         "reference_key": key,
@@ -180,18 +159,18 @@ def get_reference(
         "extractor": extractor.name,
         "extractor_sha256": extractor.weights_sha256,
         "resolution": list(resolution) if isinstance(resolution, tuple) else int(resolution),
-        "num_images": total,
+        "num_images": int(stats.n),
     }
     data = stats_to_bytes(mu, sigma, stats.n, meta)
     with tempfile.TemporaryDirectory(prefix="cmflow-fidref-") as tmp:
         folder = Path(tmp)
         (folder / STATS_FILE).write_bytes(data)
-        np.save(folder / FEATURES_FILE, stats.features.astype(np.float32), allow_pickle=False)
+        np.save(folder / FEATURES_FILE, features.astype(np.float32), allow_pickle=False)
         manifest = storage.commit(
             REFERENCE_KIND,
             reference_cache_key(key),
             folder,
-            meta={**meta, "stats_digest": stats_digest(data), "features_kept": int(stats.features.shape[0])},
+            meta={**meta, "stats_digest": stats_digest(data), "features_kept": int(features.shape[0])},
             key_components={"reference_key": key, **meta},
             producer=producer or {},
         )

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from cmflow.stage import StageDef
 from cmflow.stages import demo, distill, import_model, perceptual, prepare_data, teacher
-from cmflow.stages import evaluate as evaluate_stage
 from cmflow.stages import register as register_stages
+from cmflow.stages.evaluate import stage as evaluate_stage
 
 STAGES: dict[str, StageDef] = {
     fn.stage_def.kind: fn.stage_def  # type: ignore[attr-defined]

@@ -1,20 +1,17 @@
-"""``teacher``: train an EDM teacher (or load one from a URI); ``teacher_sample``: Heun samples from it."""
+"""``teacher``: train an EDM teacher on Ray Train (or load one from a URI); ``teacher_sample``: Heun samples."""
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any, Literal
 
 from pydantic import Field
 
-from cmflow.errors import InputError, StageError
+from cmflow.errors import InputError
 from cmflow.stage import Artifact, ParamsModel, StageContext, stage
+from cmflow.stages.common import RUN_IGNORED, Preset, RunParams, log_rows, save_grids
 
-Preset = Literal["tiny", "digits", "cifar10", "imagenet64", "adm-imagenet64", "adm-lsun256"]
 
-
-class TeacherParams(ParamsModel):
+class TeacherParams(RunParams):
     uri: str | None = Field(
         None,
         description="Load a pretrained teacher instead of training: a folder URI with model.json and "
@@ -37,28 +34,20 @@ class TeacherParams(ParamsModel):
         default_factory=dict, description="Overrides of the preset's UNetConfig (or ADMConfig) fields."
     )
     steps: int = Field(2600, ge=0, description="Optimizer steps.")
-    batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adam", "radam"] = "adam"
     lr_warmup_steps: int = Field(100, ge=0)
-    ema_rate: float = Field(0.999, ge=0, le=1, description="EMA rate, warmed up as min(rate, (1+n)/(10+n)).")
     p_mean: float = Field(-1.2, description="ln sigma ~ N(p_mean, p_std^2) (EDM).")
     p_std: float = Field(1.2, gt=0)
-    seed: int = Field(0, ge=0, description="Combined with the pipeline seed.")
-    checkpoint_every: int = Field(500, ge=0, description="Steps between checkpoints (0: none).")
-    time_budget_s: float | None = Field(
-        None, gt=0, description="Stop early after this much training time (makes the output time-dependent)."
-    )
-    grid_samples: int = Field(64, ge=0, le=1024, description="Samples in samples.png (0: no grid).")
-    log_every: int = Field(50, ge=1, description="Steps between metric rows (not part of the cache key).")
 
 
 class TeacherSampleParams(ParamsModel):
     num_samples: int = Field(5000, ge=1)
     num_steps: int = Field(18, ge=2, description="Heun steps; NFE = 2 num_steps - 1 (18 -> 35).")
     seed_start: int = Field(0, ge=0, description="Sample i uses seed seed_start + i.")
-    batch_size: int = Field(500, ge=1)
-    num_tasks: int = Field(1, ge=1, le=1024, description="Ray tasks to fan out over (by seed range).")
+    batch_size: int = Field(500, ge=1, description="Samples per network call (results do not depend on it).")
+    num_tasks: int = Field(
+        1, ge=1, le=1024, description="Ray tasks sampling at once, each with the stage's resources."
+    )
     class_labels: int | Literal["uniform"] | None = Field(
         None, description="Conditional teachers: one class for all samples, or 'uniform' (drawn per seed)."
     )
@@ -67,224 +56,116 @@ class TeacherSampleParams(ParamsModel):
 @stage(
     "teacher",
     params=TeacherParams,
-    version="1",
+    version="2",
     inputs=("data",),
-    cache_ignore=("log_every",),
+    cache_ignore=RUN_IGNORED,
+    distributed=True,
 )
 def teacher(params: TeacherParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
-    """Train an EDM teacher on ``data`` (EMA with warm-up, checkpoints under the work folder, resumed on a
-    rerun) or load it from ``uri``. Writes ``model.safetensors`` + ``model.json`` (kind "edm", the EMA
-    weights), ``raw.safetensors`` (the raw weights; trained teachers only) and ``samples.png``.
+    """Train an EDM teacher on ``data`` with ``resources.workers`` Ray Train workers (DDP; EMA with warm-up;
+    checkpoints under the work folder; a lost worker or a rerun resumes), or load it from ``uri``. Writes
+    ``model.safetensors`` + ``model.json`` (kind "edm", the EMA weights), ``raw.safetensors`` (the raw
+    weights; trained teachers only), ``metrics.jsonl`` and ``samples.png``.
 
     Examples:
         teacher: {kind: teacher, inputs: {data: data}, params: {preset: digits, steps: 2600}}
+        teacher: {kind: teacher, inputs: {data: data}, params: {preset: cifar10}, resources: {workers: 8, gpus: 1}}
         teacher: {kind: teacher, inputs: {data: data}, params: {uri: s3://models/edm-cifar10}}
         teacher: {kind: teacher, inputs: {data: data},
                   params: {uri: s3://models/edm_imagenet64_ema.pt, format: openai, preset: adm-imagenet64}}
     """
-    import torch
-
-    from cmflow.data.shards import read_dataset
-    from cmflow.interop import load_teacher_uri
-    from cmflow.models.adm import ADM_PRESETS
+    from cmflow.data.shards import DatasetInfo
     from cmflow.models.io import save_model, weights_bytes
-    from cmflow.training.builders import check_image_shape, count_params
 
-    torch.set_num_threads(ctx.num_threads)
-    images, labels, info = read_dataset(inputs["data"].read_bytes)
+    info = DatasetInfo.parse(inputs["data"].read_bytes("dataset.json"))
+    channels, resolution, _ = info.shape
+    grids = {"samples.png": {"method": "edm", "num_steps": 18}}
     if params.uri:
+        from cmflow.interop import load_teacher_uri
+        from cmflow.models.adm import ADM_PRESETS
+        from cmflow.training.builders import check_image_shape, count_params
+
         adm_preset = params.preset if params.preset in ADM_PRESETS else None
         model, config = load_teacher_uri(
             params.uri, params.storage_options, params.format, adm_preset, params.unet if adm_preset else {}
         )
-        check_image_shape(config, info["channels"], info["resolution"], params.uri)
-        save_model(model, ctx.out_dir, source="uri", dataset_digest=info["digest"])
-        _teacher_grid(model, params, config, ctx)
+        check_image_shape(config, channels, resolution, params.uri)
+        config = save_model(model, ctx.out_dir, source="uri", dataset_digest=info.digest)
+        save_grids((ctx.out_dir / "model.safetensors").read_bytes(), config, grids, params.grid_samples, ctx)
         return {"params_count": count_params(model), "final_loss": None, "steps": 0, "loaded": True}
 
-    state = _train_teacher(params, images, labels, info, ctx)
-    ema = state.ema.eval()
-    save_model(ema, ctx.out_dir, source="trained", steps=state.step, dataset_digest=info["digest"])
-    (ctx.out_dir / "raw.safetensors").write_bytes(weights_bytes(state.online))
-    from cmflow.models.io import model_config
-
-    _teacher_grid(ema, params, model_config(ema), ctx)
-    from cmflow.training.loop import final_loss
-
-    return {"params_count": count_params(ema), "final_loss": final_loss(state), "steps": state.step}
-
-
-def _train_teacher(
-    params: TeacherParams, images: Any, labels: Any, info: dict[str, Any], ctx: StageContext
-) -> Any:
-    import torch
-
-    from cmflow.diffusion.losses import EDMLoss
     from cmflow.diffusion.rng import mix_seed
-    from cmflow.training.builders import build_edm
-    from cmflow.training.loop import (
-        DataSampler,
-        LoopHooks,
-        OptimConfig,
-        TrainState,
-        frozen_copy,
-        make_optimizer,
-        run_loop,
-        teacher_step,
-    )
+    from cmflow.distributed.train import TrainJob, fit
+    from cmflow.training.builders import build_edm, count_params
 
-    device = torch.device(ctx.device)
-    torch.manual_seed(mix_seed(params.seed, ctx.seed))  # the initial weights (and Fourier frequencies)
-    net = build_edm(
-        params.preset, params.unet, info["channels"], info["resolution"], f"stages.{ctx.stage}.params"
-    )
+    net = build_edm(params.preset, params.unet, channels, resolution, f"stages.{ctx.stage}.params")
     num_classes = net.backbone.config.num_classes
-    labels = _check_labels(num_classes, labels, info, ctx.stage)
-    net = net.to(device)
-    cfg = OptimConfig(lr=params.lr, optimizer=params.optimizer, lr_warmup_steps=params.lr_warmup_steps)
-    state = TrainState(net, frozen_copy(net), make_optimizer(net.parameters(), cfg))
-    store = _WorkCheckpoints(ctx)
-    store.resume(state)
-    data = DataSampler(
-        torch.from_numpy(images),
-        torch.from_numpy(labels) if labels is not None else None,
-        params.batch_size,
+    _check_labels(num_classes, info, ctx.stage)
+    job = TrainJob(
+        method="edm",
+        params=params.model_dump(mode="json"),
         seed=mix_seed(params.seed, ctx.seed),
-        device=device,
+        stage=ctx.stage,
+        data=inputs["data"],
+        num_classes=num_classes,
+        threads=ctx.num_threads,
+        use_gpu=ctx.resources.gpus > 0,
+        reporter=ctx.reporter,
     )
-    step = teacher_step(EDMLoss(params.p_mean, params.p_std), data, cfg, params.ema_rate)
-    hooks = LoopHooks(
-        on_log=lambda row: _log(ctx, row, params.steps, "teacher"),
-        on_checkpoint=store.save,
-        should_stop=_budget(params.time_budget_s),
-    )
-    started = time.time()
-    run_loop(
-        state,
-        step,
-        total_steps=params.steps,
-        images_per_step=params.batch_size,
-        log_every=params.log_every,
-        checkpoint_every=params.checkpoint_every,
-        hooks=hooks,
-    )
-    if state.step > state.resumed_from_step and params.checkpoint_every > 0:
-        store.save(state)
-    ctx.progress(state.step, params.steps, message=f"trained in {time.time() - started:.0f} s")
-    return state
+    ctx.progress(0, params.steps, message=f"starting {ctx.resources.workers} Ray Train worker(s)")
+    content = fit(job, ctx, max_failures=params.max_failures)
+    log_rows(ctx, content["metrics"])
+    ema, online = build_edm(params.preset, params.unet, channels, resolution, ""), net
+    ema.load_state_dict(content["ema"])
+    online.load_state_dict(content["online"])
+    steps = int(content["step"])
+    config = save_model(ema.eval(), ctx.out_dir, source="trained", steps=steps, dataset_digest=info.digest)
+    (ctx.out_dir / "raw.safetensors").write_bytes(weights_bytes(online))
+    save_grids((ctx.out_dir / "model.safetensors").read_bytes(), config, grids, params.grid_samples, ctx)
+    rows = content["metrics"]
+    return {
+        "params_count": count_params(ema),
+        "final_loss": float(rows[-1]["loss"]) if rows else None,
+        "steps": steps,
+        "resumed_from_step": int(content.get("resumed_from_step", 0)),
+    }
 
 
-def _check_labels(num_classes: int, labels: Any, info: dict[str, Any], stage_name: str) -> Any:
+def _check_labels(num_classes: int, info: Any, stage_name: str) -> None:
     if num_classes == 0:
-        return None
-    if labels is None:
+        return
+    if not info.has_labels:
         raise InputError(
             f"stage {stage_name!r}: the UNet is class-conditional ({num_classes} classes) but the dataset has no "
             "labels; set use_labels: true in prepare_data or unet.num_classes: 0"
         )
-    if info.get("num_classes", 0) > num_classes:
+    if info.num_classes > num_classes:
         raise InputError(
-            f"stage {stage_name!r}: the dataset has {info['num_classes']} classes but the UNet only "
-            f"{num_classes}; set unet.num_classes: {info['num_classes']}"
+            f"stage {stage_name!r}: the dataset has {info.num_classes} classes but the UNet only "
+            f"{num_classes}; set unet.num_classes: {info.num_classes}"
         )
-    return labels
-
-
-def _budget(time_budget_s: float | None) -> Any:
-    if time_budget_s is None:
-        return None
-    return lambda state: state.train_seconds >= time_budget_s
-
-
-def _log(ctx: StageContext, row: dict[str, float], total: int, what: str) -> None:
-    if not math.isfinite(row["loss"]):
-        raise StageError(
-            f"stage {ctx.stage!r}: the {what} loss became {row['loss']} at step {int(row['step'])}; lower lr"
-        )
-    step = int(row["step"])
-    ctx.log_metrics(step, loss=row["loss"])
-    ctx.log_timing(step, imgs_per_s=row["imgs_per_s"])
-    ctx.progress(step, total, message=f"loss {row['loss']:.4f}, {row['imgs_per_s']:.0f} img/s")
-
-
-class _WorkCheckpoints:
-    """The latest checkpoint of a local (non-Ray-Train) run, kept under the stage's durable work folder."""
-
-    def __init__(self, ctx: StageContext) -> None:
-        from cmflow.storage import Storage
-
-        self.ctx = ctx
-        self.key = f"{Storage.work_prefix(ctx.kind, ctx.cache_key)}/checkpoint.pt"
-
-    def resume(self, state: Any) -> None:
-        from cmflow.training.checkpoint import load_checkpoint, restore
-
-        try:
-            data = self.ctx.storage.read_bytes(self.key)
-        except FileNotFoundError:
-            return
-        try:
-            restore(state, load_checkpoint(data))
-        except (ValueError, RuntimeError, KeyError) as exc:  # unreadable or from another architecture
-            self.ctx.progress(0, 1, message=f"ignoring the old checkpoint ({str(exc)[:80]})")
-            return
-        for row in state.metrics:
-            self.ctx.log_metrics(int(row["step"]), loss=row["loss"])
-        self.ctx.progress(state.step, max(state.step, 1), message=f"resumed from step {state.step}")
-
-    def save(self, state: Any) -> None:
-        from cmflow.training.checkpoint import checkpoint_bytes
-
-        self.ctx.storage.write_bytes(self.key, checkpoint_bytes(state))
-
-
-def _teacher_grid(model: Any, params: TeacherParams, config: dict[str, Any], ctx: StageContext) -> None:
-    if params.grid_samples == 0:
-        return
-    from cmflow.data.images import save_grid
-    from cmflow.diffusion.generate import sample_range
-
-    image = config["image"]
-    images, _ = sample_range(
-        model.eval(),
-        0,
-        params.grid_samples,
-        256,
-        shape=(image["channels"], image["resolution"], image["resolution"]),
-        method="edm",
-        num_steps=18,
-        num_classes=config.get("num_classes", 0),
-    )
-    save_grid(images, ctx.out_dir / "samples.png")
 
 
 # --------------------------------------------------------------------------------------------------
 # teacher_sample
 
+#: samples per task item: small enough that a finished item can be written while others still run
+ITEM_BATCHES = 4
 
-def _sample_seed_ranges(
-    weights: bytes,
-    config: dict[str, Any],
-    ranges: list[tuple[int, int]],
-    kwargs: dict[str, Any],
-    num_threads: int,
-    on_batch: Any = None,
-) -> tuple[Any, Any]:
-    """Sample the given seed ranges (one batch each) from a model given as bytes; runs in a Ray task too."""
+
+def _sample_item(item: tuple[Any, dict[str, Any], list[tuple[int, int]], dict[str, Any]]) -> tuple[Any, Any]:
+    """Inside a task: the images (and labels) of consecutive seed ranges, one network batch each."""
     import numpy as np
-    import torch
+    import ray
 
     from cmflow.diffusion.generate import sample_images
+    from cmflow.distributed.tasks import task_device
     from cmflow.models.io import load_model
 
-    torch.set_num_threads(num_threads)
-    device = "cuda" if kwargs.pop("use_cuda", False) and torch.cuda.is_available() else "cpu"
-    model = load_model(weights, config).to(device)
-    parts = []
-    for a, b in ranges:
-        parts.append(sample_images(model, range(a, b), **kwargs))
-        if on_batch is not None:
-            on_batch(b - a)
+    weights, config, ranges, kwargs = item
+    data = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
+    model = load_model(data, config).to(task_device(kwargs.pop("gpus", 0)))
+    parts = [sample_images(model, range(a, b), **kwargs) for a, b in ranges]
     images = np.concatenate([p[0].numpy() for p in parts])
     labels = np.concatenate([p[1].numpy() for p in parts]) if parts[0][1] is not None else None
     return images, labels
@@ -293,31 +174,35 @@ def _sample_seed_ranges(
 @stage(
     "teacher_sample",
     params=TeacherSampleParams,
-    version="1",
+    version="2",
     inputs=("teacher",),
     optional_inputs=("data",),
+    cache_ignore=("batch_size", "num_tasks"),
+    distributed=True,
 )
 def teacher_sample(
     params: TeacherSampleParams, inputs: dict[str, Artifact], ctx: StageContext
 ) -> dict[str, Any]:
-    """Heun-sample ``num_samples`` images (seeds ``seed_start``...) from the teacher, fanned out over
-    ``num_tasks`` Ray tasks by seed range; writes ``images.npy`` (+ ``labels.npy``) and ``dataset.json`` in the
-    prepare_data format, so it can replace the dataset as distillation input (data-free CD).
+    """Heun-sample ``num_samples`` images (seeds ``seed_start``...) from the teacher in Ray tasks with the
+    stage's resources (``num_tasks`` at once), and write them, in seed order as they arrive, as a sharded
+    dataset (the prepare_data format), so they can replace the dataset as distillation input (data-free
+    CD). Sample seeds are per sample, so the images do not depend on ``num_tasks``, ``batch_size`` or the
+    device.
 
     Examples:
         teacher_samples: {kind: teacher_sample, inputs: {teacher: teacher}, params: {num_samples: 5000}}
     """
-    import numpy as np
+    import ray
 
-    from cmflow.data.shards import dataset_meta, write_dataset
+    from cmflow.data.shards import ShardWriter, dataset_meta
     from cmflow.diffusion.generate import batch_ranges
+    from cmflow.distributed.tasks import iter_tasks
 
     config = inputs["teacher"].read_json("model.json")
     if config.get("kind") != "edm":
         raise InputError(
             f"stage {ctx.stage!r}: input 'teacher' holds a {config.get('kind')!r} model, not an EDM one"
         )
-    weights = inputs["teacher"].read_bytes("model.safetensors")
     image, num_classes = config["image"], int(config.get("num_classes", 0))
     if not num_classes and params.class_labels is not None:
         raise InputError(
@@ -331,26 +216,31 @@ def teacher_sample(
         data_info = inputs["data"].read_json("dataset.json")
         if (data_info["channels"], data_info["resolution"]) != (image["channels"], image["resolution"]):
             raise InputError(f"stage {ctx.stage!r}: the teacher's image shape differs from input 'data'")
+    weights = inputs["teacher"].read_bytes("model.safetensors")
+    ref = ray.put(weights) if ray.is_initialized() else weights
     kwargs = {
         "shape": (image["channels"], image["resolution"], image["resolution"]),
         "method": "edm",
         "num_steps": params.num_steps,
         "num_classes": num_classes,
         "class_labels": params.class_labels if isinstance(params.class_labels, int) else None,
-        "use_cuda": ctx.device.startswith("cuda"),
+        "gpus": ctx.resources.gpus,
     }
     ranges = [
         (r.start, r.stop) for r in batch_ranges(params.seed_start, params.num_samples, params.batch_size)
     ]
-    groups = [g for g in np.array_split(np.arange(len(ranges)), min(params.num_tasks, len(ranges))) if len(g)]
-    chunks = [[ranges[i] for i in group] for group in groups]
-    parts = _run_chunks(weights, config, chunks, kwargs, ctx)
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts]) if parts[0][1] is not None else None
-    info = write_dataset(
-        ctx.out_dir,
-        images,
-        labels,
+    items = [
+        (ref, config, ranges[i : i + ITEM_BATCHES], dict(kwargs)) for i in range(0, len(ranges), ITEM_BATCHES)
+    ]
+    writer = ShardWriter(ctx.out_dir, has_labels=bool(num_classes))
+    done = 0
+    for images, labels in iter_tasks(
+        _sample_item, items, ctx.resources, name=f"cmflow:{ctx.stage}:sample", max_in_flight=params.num_tasks
+    ):
+        writer.add(images, labels)
+        done += images.shape[0]
+        ctx.progress(done, params.num_samples, message=f"{done}/{params.num_samples} samples")
+    info = writer.close(
         source="teacher_sample",
         num_classes=num_classes,
         extra={
@@ -361,37 +251,3 @@ def teacher_sample(
         },
     )
     return {**dataset_meta(info), "nfe": 2 * params.num_steps - 1}
-
-
-def _run_chunks(
-    weights: bytes,
-    config: dict[str, Any],
-    chunks: list[list[tuple[int, int]]],
-    kwargs: dict[str, Any],
-    ctx: StageContext,
-) -> list[tuple[Any, Any]]:
-    """Each chunk in its own Ray task when Ray is up and there is more than one; else here, in order."""
-    total = sum(b - a for chunk in chunks for a, b in chunk)
-    import ray
-
-    if len(chunks) == 1 or not ray.is_initialized():
-        done = [0]
-
-        def on_batch(n: int) -> None:
-            done[0] += n
-            ctx.progress(done[0], total, message=f"{done[0]}/{total} samples")
-
-        every = [seed_range for chunk in chunks for seed_range in chunk]
-        return [_sample_seed_ranges(weights, config, every, dict(kwargs), ctx.num_threads, on_batch)]
-    remote = ray.remote(_sample_seed_ranges).options(
-        num_cpus=ctx.resources.cpus, num_gpus=ctx.resources.gpus, name=f"cmflow:{ctx.stage}:sample"
-    )
-    weights_ref = ray.put(weights)
-    refs = [remote.remote(weights_ref, config, chunk, dict(kwargs), ctx.num_threads) for chunk in chunks]
-    sizes = {ref: sum(b - a for a, b in chunk) for ref, chunk in zip(refs, chunks, strict=True)}
-    pending, done = list(refs), 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        done += sum(sizes[r] for r in ready)
-        ctx.progress(done, total, message=f"{done}/{total} samples ({len(pending)} tasks left)")
-    return ray.get(refs)

@@ -2,7 +2,7 @@
 
 A checkpoint holds the online network, the evaluation EMA, the CD/CT target (if any), the optimizer state,
 the step, the accumulated training seconds, the metric rows and the global torch RNG state (dropout). The
-data and noise RNG need no saving: :class:`cmflow.training.loop.DataSampler` derives it from the step.
+data order and noise RNG need no saving: both derive from the step (:mod:`cmflow.training.order`).
 Loading uses ``torch.load(weights_only=True)``, so a checkpoint can never run code.
 """
 

@@ -7,8 +7,11 @@ Structure (EDM ``training_loop.py`` in small pieces):
 
 * :class:`TrainState` -- the online network, its evaluation EMA, the CD/CT target theta-, the optimizer,
   the step and the metric rows; everything a checkpoint holds (:mod:`cmflow.training.checkpoint`).
-* :class:`DataSampler` -- minibatches of a uint8 dataset. The RNG of step ``k`` on rank ``r`` is derived
-  from ``(seed, r, k)``, so a run resumed at step ``k`` draws exactly what the uninterrupted run would have.
+* :class:`Batch` / :class:`BatchSource` -- a rank's part of each global minibatch, in the sample order of
+  :mod:`cmflow.training.order` (every epoch visits the whole dataset, seeded, resumable), with one RNG per
+  sample seeded by its step and position in the global batch: a run resumed at step ``k`` draws exactly
+  what the uninterrupted run would have, and W workers x batch B/W draw what 1 worker x batch B draws.
+  :class:`ArrayBatches` serves an in-memory array; Ray Train workers stream theirs from the shards.
 * ``*_step`` builders -- one optimisation step of each method (loss, backward, optimizer, EMA updates).
 * :func:`run_loop` -- steps, logging (loss, img/s), checkpoints and an optional time budget.
 """
@@ -19,14 +22,17 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from cmflow.diffusion.ema import ema_update, ema_warmup_rate
 from cmflow.diffusion.losses import CDLoss, CTLoss, EDMLoss, ICTLoss
 from cmflow.diffusion.noise_levels import ct_ema_rate, ct_num_steps, ict_num_steps
+from cmflow.diffusion.rng import StackedRandomGenerator
+from cmflow.training.order import SampleOrder, sample_seed
 
 StepFn = Callable[["TrainState", int], float]
 
@@ -74,43 +80,69 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).requires_grad_(False)
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """A 63-bit seed for step ``step`` of rank ``rank`` (splitmix-style mixing, stable across versions)."""
-    value = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB) % (1 << 64)
-    value ^= value >> 31
-    value = (value * 0xD6E8FEB86659FD93) % (1 << 64)
-    return (value ^ (value >> 32)) % (1 << 63)
+@dataclass(frozen=True)
+class Batch:
+    """One rank's part of a global minibatch: images in [-1, 1], labels, and one RNG per sample."""
+
+    x: Tensor  # (b, C, H, W) float32 on the training device
+    labels: Tensor | None  # (b,) int64, or None
+    generator: StackedRandomGenerator  # per-sample CPU generators (noise, noise levels, indices)
 
 
-class DataSampler:
-    """Random minibatches (with replacement) of uint8 (N, C, H, W) images as floats in [-1, 1].
+class BatchSource(Protocol):
+    """``batch(step)`` -> this rank's part of global batch ``step`` (:class:`ArrayBatches`, or the streamed
+    :class:`cmflow.distributed.data.StreamBatches`)."""
 
-    ``batch(step)`` returns (x, labels or None, generator); the generator, seeded by
-    :func:`step_seed`, lives on ``device`` and is meant for the loss's noise draws too.
+    def batch(self, step: int) -> Batch: ...
+
+
+def batch_from_rows(
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    seeds: list[int],
+    device: torch.device,
+) -> Batch:
+    """uint8 (b, C, H, W) rows -> a :class:`Batch` on ``device`` with one generator per sample seed."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).to(torch.float32) / 127.5 - 1
+    y = torch.from_numpy(np.ascontiguousarray(labels)).to(device) if labels is not None else None
+    return Batch(x, y, StackedRandomGenerator("cpu", seeds))
+
+
+class ArrayBatches:
+    """Batches of an in-memory uint8 (N, C, H, W) dataset in the order of a :class:`SampleOrder`.
+
+    Rank ``rank`` of ``world`` gets the rows of its lanes (:meth:`SampleOrder.rank_lanes`) of every global
+    batch, and each sample's generator is seeded by :func:`~cmflow.training.order.sample_seed` of its
+    position in the global batch -- what the streamed source gives a Ray Train worker, without the store.
     """
 
     def __init__(
         self,
-        images: Tensor,
-        labels: Tensor | None,
+        images: np.ndarray,
+        labels: np.ndarray | None,
         batch_size: int,
         *,
         seed: int,
+        order: SampleOrder | None = None,
         rank: int = 0,
+        world: int = 1,
         device: torch.device | str = "cpu",
     ) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
+        if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images, self.labels = images, labels
+        self.order = order or SampleOrder((images.shape[0],), seed, world, images.shape[0])
+        self.batch_size, self.seed = batch_size, seed
+        self.lanes = self.order.rank_lanes(rank, world)
         self.device = torch.device(device)
-        self.images = images.to(self.device)
-        self.labels = labels.to(self.device) if labels is not None else None
-        self.batch_size, self.seed, self.rank = batch_size, seed, rank
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor | None, torch.Generator]:
-        generator = torch.Generator(self.device).manual_seed(step_seed(self.seed, self.rank, step))
-        idx = torch.randint(self.images.shape[0], (self.batch_size,), generator=generator, device=self.device)
-        x = self.images[idx].to(torch.float32) / 127.5 - 1  # (B, C, H, W) in [-1, 1]
-        return x, (self.labels[idx] if self.labels is not None else None), generator
+    def batch(self, step: int) -> Batch:
+        b = self.order.lane_batch(self.batch_size)
+        rows = self.order.step_rows(step, self.batch_size, self.lanes)
+        positions = [lane * b + j for lane in self.lanes for j in range(b)]
+        seeds = [sample_seed(self.seed, step, g) for g in positions]
+        labels = self.labels[rows] if self.labels is not None else None
+        return batch_from_rows(self.images[rows], labels, seeds, self.device)
 
 
 def _optimise(state: TrainState, cfg: OptimConfig, step: int, loss: Tensor) -> float:
@@ -122,12 +154,13 @@ def _optimise(state: TrainState, cfg: OptimConfig, step: int, loss: Tensor) -> f
 
 
 def teacher_step(
-    loss_fn: EDMLoss, data: DataSampler, cfg: OptimConfig, ema_rate: float, forward: nn.Module | None = None
+    loss_fn: EDMLoss, data: BatchSource, cfg: OptimConfig, ema_rate: float, forward: nn.Module | None = None
 ) -> StepFn:
     """One EDM step: denoising loss, optimizer, evaluation EMA with warm-up min(rate, (1 + k) / (10 + k))."""
 
     def step(state: TrainState, k: int) -> float:
-        x, labels, generator = data.batch(k)
+        batch = data.batch(k)
+        x, labels, generator = batch.x, batch.labels, batch.generator
         loss = loss_fn(forward or state.online, x, class_labels=labels, generator=generator).mean()
         value = _optimise(state, cfg, k, loss)
         ema_update(state.ema, state.online, ema_warmup_rate(k, ema_rate))
@@ -139,7 +172,7 @@ def teacher_step(
 def cd_step(
     loss_fn: CDLoss,
     teacher: nn.Module,
-    data: DataSampler,
+    data: BatchSource,
     cfg: OptimConfig,
     *,
     mu: float,
@@ -150,7 +183,8 @@ def cd_step(
 
     def step(state: TrainState, k: int) -> float:
         assert state.target is not None
-        x, labels, generator = data.batch(k)
+        batch = data.batch(k)
+        x, labels, generator = batch.x, batch.labels, batch.generator
         loss = loss_fn(
             forward or state.online, state.target, teacher, x, class_labels=labels, generator=generator
         ).mean()
@@ -164,7 +198,7 @@ def cd_step(
 
 def ct_step(
     loss_fn: CTLoss,
-    data: DataSampler,
+    data: BatchSource,
     cfg: OptimConfig,
     *,
     total_steps: int,
@@ -178,7 +212,8 @@ def ct_step(
 
     def step(state: TrainState, k: int) -> float:
         assert state.target is not None
-        x, labels, generator = data.batch(k)
+        batch = data.batch(k)
+        x, labels, generator = batch.x, batch.labels, batch.generator
         num_scales = ct_num_steps(k, total_steps, s0, s1)
         loss = loss_fn(
             forward or state.online,
@@ -198,7 +233,7 @@ def ct_step(
 
 def ict_step(
     loss_fn: ICTLoss,
-    data: DataSampler,
+    data: BatchSource,
     cfg: OptimConfig,
     *,
     total_steps: int,
@@ -210,7 +245,8 @@ def ict_step(
     """One iCT step: target = stop-grad of the online network (mu = 0), exponential N(k) curriculum."""
 
     def step(state: TrainState, k: int) -> float:
-        x, labels, generator = data.batch(k)
+        batch = data.batch(k)
+        x, labels, generator = batch.x, batch.labels, batch.generator
         num_scales = ict_num_steps(k, total_steps, s0, s1)
         loss = loss_fn(
             forward or state.online,

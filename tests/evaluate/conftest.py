@@ -39,8 +39,7 @@ def digits_images() -> tuple[np.ndarray, np.ndarray]:
     """All 1797 sklearn digits as uint8 (N, 1, 8, 8) and their labels (as prepare_data makes them)."""
     from cmflow.data.sources import read_sklearn_digits
 
-    raw = read_sklearn_digits()
-    return raw.images, raw.labels
+    return read_sklearn_digits()
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ import pytest
 from cmflow.errors import InputError
 from cmflow.metrics.inception import FID_WEIGHTS_FILENAME, FIDInceptionV3, build_fid_inception
 from cmflow.stage import Artifact, StageContext
-from cmflow.stages.evaluate import EvaluateParams, evaluate
+from cmflow.stages.evaluate.stage import EvaluateParams, evaluate
 from cmflow.storage import Storage
 
 

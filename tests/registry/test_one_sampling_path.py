@@ -55,13 +55,14 @@ def served(folder: Path, tmp_path: Path) -> Any:
 
 
 def evaluate_images(folder: Path, kind: str, **kwargs: Any) -> np.ndarray:
-    from cmflow.models.io import load_model
-    from cmflow.stages.evaluate import _sampler
+    """The images of seeds 0.. as evaluate's measuring tasks draw them (``Work`` items, 4 per batch)."""
+    from cmflow.stages.evaluate.work import ExtractorRef, NetRef, Work, _images
 
     config = json.loads((folder / "model.json").read_text())
-    model = load_model(folder / "model.safetensors", config)
-    sample = _sampler(model, method=kind, shape=(1, 8, 8), num_classes=config["num_classes"], **kwargs)
-    return sample(range(SEEDS)).numpy()
+    net = NetRef((folder / "model.safetensors").read_bytes(), config, unique("sha"))
+    sampling = {"method": kind, "shape": (1, 8, 8), "num_classes": config["num_classes"], **kwargs}
+    work = Work(ExtractorRef("digits", None, "shipped"), 0, SEEDS, net=net, sampling=sampling, batch_size=4)
+    return np.concatenate(list(_images(work, "cpu")))
 
 
 @pytest.mark.parametrize("num_classes", [0, 3])
@@ -74,7 +75,10 @@ def test_a_teacher_seed_gives_one_image_in_teacher_sample_evaluate_and_serving(
     if num_classes:
         params["class_labels"] = "uniform"
     samples = run_task(storage, "teacher_sample", params, {"teacher": teacher})
-    from_stage = np.load(storage.local_artifact_file(samples, "images.npy"), allow_pickle=False)
+    from cmflow.data.shards import read_dataset
+    from cmflow.stage import Artifact
+
+    from_stage = read_dataset(Artifact(storage, samples).read_bytes)[0]
     from_evaluate = evaluate_images(folder, "edm", num_steps=6)
     from_server = served(folder, tmp_path).predict({"num_samples": SEEDS, "steps": 6, "seed": 0})
     assert from_stage.shape == (SEEDS, 1, 8, 8) and len(np.unique(from_stage)) > 10
@@ -92,7 +96,7 @@ def test_a_cm_seed_gives_one_image_in_evaluate_serving_and_the_grids(
     folder = tiny_model(tmp_path / unique("cm"), "cm", num_classes, seed=2)
     model = served(folder, tmp_path)
     for sigmas in ([80.0], [80.0, 0.8]):
-        from_evaluate = evaluate_images(folder, "cm", sigmas=tuple(sigmas))
+        from_evaluate = evaluate_images(folder, "cm", sigmas=list(sigmas))
         from_server = model.predict({"num_samples": SEEDS, "steps": len(sigmas), "seed": 0})
         grid, _ = sample_range(
             load_model(folder / "model.safetensors", folder / "model.json"),
@@ -106,4 +110,4 @@ def test_a_cm_seed_gives_one_image_in_evaluate_serving_and_the_grids(
         )
         np.testing.assert_array_equal(from_server, from_evaluate)
         np.testing.assert_array_equal(grid, from_evaluate)
-    assert not np.array_equal(evaluate_images(folder, "cm", sigmas=(80.0,)), from_evaluate)
+    assert not np.array_equal(evaluate_images(folder, "cm", sigmas=[80.0]), from_evaluate)

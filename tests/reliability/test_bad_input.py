@@ -297,12 +297,19 @@ def run_stage(
     return info.value
 
 
-def _cifar_tar(path: Path, batch: Any) -> None:
+def _cifar_tar(path: Path, batch: Any, *, skip: str = "", extra: str = "") -> Path:
+    """A CIFAR-10 python tarball whose data_batch_1 is ``batch`` (the others genuine and tiny)."""
+    good = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+    members = [(f"data_batch_{i}", pickle.dumps(batch if i == 1 else good)) for i in range(1, 6)]
+    members += [(extra, b"#!/bin/sh\n")] if extra else []
     with tarfile.open(path, "w:gz") as tar:
-        data = pickle.dumps(batch)
-        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+        for name, data in members:
+            if name == skip:
+                continue
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
 
 
 class _RunsCode:
@@ -330,6 +337,16 @@ DATA_CASES: list[tuple[str, Callable[[Path], dict[str, Any]], str]] = [
     ),
     ("cifar-truncated", lambda t: {"source": "cifar10", "uri": str(_truncated_tar(t))}, r"truncated|corrupt"),
     ("cifar-pickle-with-code", lambda t: {"source": "cifar10", "uri": str(_code_tar(t))}, r"refused"),
+    (
+        "cifar-missing-member",
+        lambda t: {"source": "cifar10", "uri": str(_cifar_tar(t / "m.tar.gz", {}, skip="data_batch_4"))},
+        r"missing cifar-10-batches-py/data_batch_4; the tarball is incomplete",
+    ),
+    (
+        "cifar-foreign-member",
+        lambda t: {"source": "cifar10", "uri": str(_cifar_tar(t / "f.tar.gz", {}, extra="install.sh"))},
+        r"foreign member 'cifar-10-batches-py/install\.sh'; pass the genuine",
+    ),
     (
         "npz-truncated",
         lambda t: {"source": "npz", "uri": str(_bytes(t / "d.npz", _npz_bytes()[:40]))},
@@ -369,7 +386,8 @@ def _npz_file(tmp: Path, images: np.ndarray) -> Path:
 
 def _truncated_tar(tmp: Path) -> Path:
     path = tmp / "t.tar.gz"
-    _cifar_tar(path, {b"data": np.zeros((20, 3072), np.uint8), b"labels": [0] * 20})
+    rng = np.random.default_rng(0)  # incompressible, so half the file cuts into the batches
+    _cifar_tar(path, {b"data": rng.integers(0, 256, (200, 3072), dtype=np.uint8), b"labels": [0] * 200})
     return _bytes(path, path.read_bytes()[: path.stat().st_size // 2])
 
 
@@ -463,3 +481,104 @@ def test_bad_checkpoint(tmp_path: Path, case: str, pattern: str) -> None:
     error = run_stage(tmp_path, "teacher", {"uri": str(folder)}, inputs)
     assert re.search(pattern, str(error)), str(error)
     assert not os.path.exists(MARKER), "an unpickled checkpoint ran code"
+
+
+# --------------------------------------------------------------------------------------------------
+# Training inputs: refused before any Ray Train worker starts
+
+
+def _damaged_dataset(tmp: Path, damage: str) -> dict[str, str]:
+    from cmflow.storage import Manifest, Storage
+
+    inputs = _commit_digits(tmp)
+    manifest = Manifest.from_json(inputs["data"])
+    shard = Path(Storage(str(tmp / "store")).path(
+        f"{Storage.artifact_prefix('prepare_data', manifest.cache_key)}/attempts/{manifest.attempt}/shards/images-00000.npy"
+    ))  # fmt: skip
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+    return inputs
+
+
+@pytest.mark.parametrize(
+    ("case", "params", "workers", "pattern"),
+    [
+        (
+            "shard-missing",
+            {},
+            1,
+            r"dataset artifact is damaged \(file shards/images-00000\.npy is missing\); run the",
+        ),
+        (
+            "shard-cut-short",
+            {},
+            1,
+            r"dataset artifact is damaged \(file shards/images-00000\.npy has size 100",
+        ),
+        (
+            "batch-not-divisible",
+            {"batch_size": 15},
+            2,
+            r"batch_size 15 is not divisible by the 2 lanes \(one per worker\); use a multiple of 2",
+        ),
+        (
+            "lanes-not-shared",
+            {"lanes": 3},
+            2,
+            r"2 workers cannot share 3 lanes evenly; set params\.lanes to a multiple",
+        ),
+    ],
+)
+def test_bad_training_input(
+    tmp_path: Path, case: str, params: dict[str, Any], workers: int, pattern: str
+) -> None:
+    import re
+
+    from cmflow.stages.table import STAGES
+
+    inputs = (
+        _damaged_dataset(tmp_path, case.split("-")[1])
+        if case.startswith("shard")
+        else _commit_digits(tmp_path)
+    )
+    task = StageTask(
+        run_id="bad-input",
+        stage="s",
+        kind="teacher",
+        params=STAGES["teacher"]
+        .params_model.model_validate({"preset": "tiny", "steps": 2, **params})
+        .model_dump(mode="json"),
+        cache_key="2" * 64,
+        components={},
+        seed=0,
+        resources=Resources(cpus=1, workers=workers),
+        storage_root=str(tmp_path / "store"),
+        storage_options={},
+        inputs=inputs,
+    )
+    with pytest.raises(StageError) as info:
+        execute_stage(task)  # no Ray is running: the check comes before Ray Train is asked for workers
+    assert re.search(pattern, str(info.value)) and "\n" not in str(info.value), str(info.value)
+    assert not list((tmp_path / "store").rglob("teacher/**/manifest.json"))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_more_training_workers_than_the_cluster_places_are_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = Env(tmp_path)
+    spec = env.write(
+        "train.yaml",
+        GOOD.replace(
+            "  b: {kind: demo.reduce, inputs: {a: a}}",
+            "  data: {kind: prepare_data, params: {source: sklearn-digits}}\n"
+            "  teacher: {kind: teacher, inputs: {data: data}, resources: {cpus: 1, workers: 8}}",
+        ),
+    )
+    assert main(["run", spec]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'teacher' wants 8 training workers of CPU=1 but the cluster fits only 2" in err, err
+    assert "lower stages.teacher.resources.workers" in err and err.count("\n") == 1
+    assert not env.root.exists()

@@ -34,8 +34,8 @@ def digits_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Storage, Man
 
 
 @pytest.fixture(scope="module")
-def tiny_teacher(digits_store: tuple[Storage, Manifest]) -> Manifest:
-    """A tiny EDM teacher trained for a few steps on ``digits_store``."""
+def tiny_teacher(ray_module: None, digits_store: tuple[Storage, Manifest]) -> Manifest:
+    """A tiny EDM teacher trained for a few steps on ``digits_store`` (one Ray Train worker)."""
     storage, data = digits_store
     return run_stage(
         storage,

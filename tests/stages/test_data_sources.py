@@ -21,59 +21,122 @@ from cmflow.storage import Storage
 from cmflow.validate import validate_spec
 
 
-def _cifar_tarball(path: Path, num: int = 20, batch: bytes | None = None) -> np.ndarray:
+def _cifar_tarball(
+    path: Path,
+    per_batch: int = 4,
+    batch: bytes | None = None,
+    skip: str | None = None,
+    extra: str | None = None,
+) -> np.ndarray:
+    """A CIFAR-10 python tarball: 5 training batches of ``per_batch`` images (the first can be replaced by
+    ``batch``), the meta file, optionally one batch left out (``skip``) or a foreign member (``extra``)."""
     rng = np.random.default_rng(0)
-    data = rng.integers(0, 256, (num, 3072), dtype=np.uint8)
-    content = {
-        b"batch_label": b"training batch 1 of 5",
-        b"labels": [int(i % 10) for i in range(num)],
-        b"data": data,
-        b"filenames": [f"img{i}.png".encode() for i in range(num)],
-    }
-    payload = batch if batch is not None else pickle.dumps(content, protocol=2)
+    data = rng.integers(0, 256, (5 * per_batch, 3072), dtype=np.uint8)
+    members = []
+    for b in range(5):
+        rows = slice(b * per_batch, (b + 1) * per_batch)
+        content = {
+            b"batch_label": f"training batch {b + 1} of 5".encode(),
+            b"labels": [int(i % 10) for i in range(rows.start, rows.stop)],
+            b"data": data[rows],
+            b"filenames": [f"img{i}.png".encode() for i in range(rows.start, rows.stop)],
+        }
+        payload = batch if (batch is not None and b == 0) else pickle.dumps(content, protocol=2)
+        members.append((f"cifar-10-batches-py/data_batch_{b + 1}", payload))
+    members.append(("cifar-10-batches-py/batches.meta", pickle.dumps({b"num_cases_per_batch": per_batch})))
+    if extra:
+        members.append((extra, b"#!/bin/sh\n"))
     with tarfile.open(path, "w:gz") as archive:
-        for name, blob in (
-            ("cifar-10-batches-py/data_batch_1", payload),
-            ("cifar-10-batches-py/batches.meta", pickle.dumps({b"num_cases_per_batch": num})),
-        ):
+        for name, blob in members:
+            if skip and name.endswith(skip):
+                continue
             info = tarfile.TarInfo(name)
             info.size = len(blob)
             archive.addfile(info, io.BytesIO(blob))
-    return data.reshape(num, 3, 32, 32)
+    return data.reshape(-1, 3, 32, 32)
 
 
 def _load(storage: Storage, manifest) -> tuple[np.ndarray, np.ndarray | None, dict]:
     return read_dataset(artifact(storage, manifest).read_bytes)
 
 
+def _rows(images: np.ndarray, labels: np.ndarray | None) -> list[bytes]:
+    """The dataset as a sorted multiset of (image, label) rows (order-free comparison)."""
+    keys = [img.tobytes() + (b"" if labels is None else int(lab).to_bytes(8, "little")) for img, lab in
+            zip(images, labels if labels is not None else [0] * len(images), strict=True)]  # fmt: skip
+    return sorted(keys)
+
+
 def test_sklearn_digits_scaled_to_uint8(local_storage: Storage) -> None:
-    manifest = run_stage(local_storage, "prepare_data", {"source": "sklearn-digits"})
+    from sklearn.datasets import load_digits
+
+    source = load_digits()
+    expected = np.round(source.images * (255 / 16)).astype(np.uint8)[:, None]
+    manifest = run_stage(local_storage, "prepare_data", {"source": "sklearn-digits", "shuffle": False})
     images, labels, info = _load(local_storage, manifest)
     assert images.shape == (1797, 1, 8, 8) and images.dtype == np.uint8
-    assert images.max() == 255 and images.min() == 0
-    assert labels is not None and labels.dtype == np.int64 and set(np.unique(labels)) == set(range(10))
+    assert np.array_equal(images, expected) and np.array_equal(labels, source.target)  # source order
     assert info["num_classes"] == 10 and info["digest"] == dataset_digest(images, labels)
     assert manifest.meta == {
         k: info[k] for k in ("num_images", "channels", "resolution", "num_classes", "digest")
     }
-    assert sorted(manifest.files) == ["dataset.json", "images.npy", "labels.npy"]
+    assert sorted(manifest.files) == ["dataset.json", "shards/images-00000.npy", "shards/labels-00000.npy"]
+    shuffled = run_stage(local_storage, "prepare_data", {"source": "sklearn-digits"})  # the default
+    mixed, mixed_labels, mixed_info = _load(local_storage, shuffled)
+    assert not np.array_equal(mixed, images)  # another order ...
+    assert _rows(mixed, mixed_labels) == _rows(images, labels)  # ... of the same (image, label) rows
+    assert mixed_info["digest"] == dataset_digest(mixed, mixed_labels) != info["digest"]
+
+
+def test_fixed_size_shards_and_their_digest(local_storage: Storage) -> None:
+    manifest = run_stage(
+        local_storage, "prepare_data", {"source": "sklearn-digits", "shard_images": 500, "max_images": 1200}
+    )
+    info = artifact(local_storage, manifest).read_json("dataset.json")
+    assert [s["count"] for s in info["shards"]] == [500, 500, 200] and info["shard_images"] == 500
+    images, labels, _ = _load(local_storage, manifest)
+    assert images.shape[0] == 1200 and info["digest"] == dataset_digest(images, labels)
 
 
 def test_cifar10_tarball_with_resize_flips_and_max_images(local_storage: Storage, tmp_path: Path) -> None:
     tarball = tmp_path / "cifar-10-python.tar.gz"
     data = _cifar_tarball(tarball)
-    manifest = run_stage(local_storage, "prepare_data", {"source": "cifar10", "uri": str(tarball)})
+    params = {"source": "cifar10", "uri": str(tarball), "shuffle": False}
+    manifest = run_stage(local_storage, "prepare_data", params)
     images, labels, info = _load(local_storage, manifest)
     assert np.array_equal(images, data) and list(labels) == [i % 10 for i in range(20)]
     assert info["class_names"][0] == "airplane"
     manifest = run_stage(
         local_storage,
         "prepare_data",
-        {"source": "cifar10", "uri": f"file://{tarball}", "resolution": 16, "hflip": True, "max_images": 5},
+        {**params, "uri": f"file://{tarball}", "resolution": 16, "hflip": True, "max_images": 5},
     )
     images, labels, info = _load(local_storage, manifest)
     assert images.shape == (10, 3, 16, 16) and list(labels) == [0, 1, 2, 3, 4] * 2
     assert np.array_equal(images[5:], images[:5, :, :, ::-1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"skip": "data_batch_3"}, "is missing cifar-10-batches-py/data_batch_3; the tarball is incomplete"),
+        ({"extra": "cifar-10-batches-py/run.sh"}, "holds a foreign member 'cifar-10-batches-py/run.sh'"),
+        ({"extra": "../escape"}, "holds '../escape', which the CIFAR-10 python tarball does not"),
+    ],
+)
+def test_cifar10_tarball_with_a_missing_or_foreign_member(
+    local_storage: Storage, tmp_path: Path, kwargs: dict, message: str
+) -> None:
+    tarball = tmp_path / "odd.tar.gz"
+    _cifar_tarball(tarball, **kwargs)
+    with pytest.raises(InputError, match="odd.tar.gz") as err:
+        prepare_data(
+            PrepareDataParams(source="cifar10", uri=str(tarball)),
+            {},
+            direct_ctx(local_storage, tmp_path, "prepare_data"),
+        )
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert committed(local_storage, "prepare_data") == []
 
 
 @pytest.mark.parametrize(
@@ -142,7 +205,9 @@ def _image_folder(root: Path) -> None:
 def test_image_folder_classes_from_subfolders(local_storage: Storage, tmp_path: Path) -> None:
     _image_folder(tmp_path / "imgs")
     manifest = run_stage(
-        local_storage, "prepare_data", {"source": "image-folder", "uri": str(tmp_path / "imgs")}
+        local_storage,
+        "prepare_data",
+        {"source": "image-folder", "uri": str(tmp_path / "imgs"), "shuffle": False},
     )
     images, labels, info = _load(local_storage, manifest)
     assert images.shape == (6, 1, 12, 12) and list(labels) == [0, 0, 0, 1, 1, 1]
@@ -187,7 +252,8 @@ def test_npz_nhwc_with_labels_on_s3(s3_root: tuple[str, dict], tmp_path: Path) -
     with fsspec.open(uri, "wb", **options) as handle:
         handle.write(_npz_bytes(images=images, labels=np.arange(7) % 3))
     storage = Storage(root, options)
-    manifest = run_stage(storage, "prepare_data", {"source": "npz", "uri": uri, "storage_options": options})
+    params = {"source": "npz", "uri": uri, "storage_options": options, "shuffle": False}
+    manifest = run_stage(storage, "prepare_data", params)
     got, labels, info = _load(storage, manifest)
     assert np.array_equal(got, images.transpose(0, 3, 1, 2)) and list(labels) == [0, 1, 2, 0, 1, 2, 0]
     assert info["num_classes"] == 3 and manifest.uri.startswith("s3://")
@@ -223,12 +289,19 @@ def test_uri_is_required_except_for_digits() -> None:
         validate_spec(raw)
 
 
-def test_large_datasets_are_sharded(tmp_path: Path) -> None:
-    from cmflow.data.shards import write_dataset
+def test_shards_stream_through_the_writer_and_read_back_by_rows(tmp_path: Path) -> None:
+    from cmflow.data.shards import DatasetInfo, ShardWriter, read_rows
 
     images = np.random.default_rng(3).integers(0, 256, (10, 1, 8, 8), dtype=np.uint8)
-    info = write_dataset(tmp_path, images, None, source="npz", num_classes=0, shard_bytes=4 * 64)
-    assert info["image_files"] == ["images-00000.npy", "images-00001.npy", "images-00002.npy"]
-    got, labels, _ = read_dataset(lambda name: (tmp_path / name).read_bytes())
-    assert np.array_equal(got, images) and labels is None
+    writer = ShardWriter(tmp_path, 4, has_labels=True)
+    for a, b in ((0, 3), (3, 7), (7, 10)):  # batches that do not line up with the shards
+        writer.add(images[a:b], np.arange(a, b))
+    info = writer.close(source="test", num_classes=10)
+    assert [s["count"] for s in info["shards"]] == [4, 4, 2]
+    assert info["digest"] == dataset_digest(images, np.arange(10))
+    read = lambda name: (tmp_path / name).read_bytes()  # noqa: E731
+    got, labels, _ = read_dataset(read)
+    assert np.array_equal(got, images) and list(labels) == list(range(10))
+    rows, row_labels = read_rows(read, DatasetInfo.parse(info), 3, 9)
+    assert np.array_equal(rows, images[3:9]) and list(row_labels) == list(range(3, 9))
     assert json.loads((tmp_path / "dataset.json").read_text())["num_images"] == 10

@@ -50,7 +50,7 @@ def test_digits_pipeline_benchmark(tmp_path: Path) -> None:
         return load_model(art.read_bytes("model.safetensors"), art.read_json("model.json")), art
 
     extractor = load_extractor("digits")
-    reference = compute_stats(extractor, read_sklearn_digits().images).to_moments()
+    reference = compute_stats(extractor, read_sklearn_digits()[0]).to_moments()
 
     def fid(net, method: str, **kwargs) -> float:
         images, _ = sample_range(net, 10_000_000, 5000, 500, shape=(1, 8, 8), method=method, **kwargs)

@@ -82,7 +82,7 @@ def test_openai_teacher_samples_and_distils(
         loop.make_optimizer(student.parameters(), cfg),
         target=loop.frozen_copy(student),
     )
-    sampler = loop.DataSampler(torch.from_numpy(x), torch.from_numpy(y), 8, seed=0)
+    sampler = loop.ArrayBatches(torch.from_numpy(x), torch.from_numpy(y), 8, seed=0)
     step = loop.cd_step(CDLoss(18), model.requires_grad_(False), sampler, cfg, mu=0.95, ema_rate=0.9)
     before = [p.detach().clone() for p in student.parameters()]
     rows: list[dict[str, float]] = []
@@ -115,7 +115,9 @@ def test_imported_diffusers_model_is_evaluated(
     )
 
 
-def test_teacher_stage_trains_an_adm_teacher(labelled_digits: tuple[Storage, Manifest]) -> None:
+def test_teacher_stage_trains_an_adm_teacher(
+    ray_module: None, labelled_digits: tuple[Storage, Manifest]
+) -> None:
     """An adm-* preset trains the released architecture from scratch (c_noise = 250 ln sigma, as they were)."""
     storage, data = labelled_digits
     params = {"preset": "adm-imagenet64", "unet": OVERRIDES, "steps": 2, "batch_size": 8, "grid_samples": 0}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,20 +16,20 @@ from cmflow.training import checkpoint, loop
 
 
 @pytest.fixture(scope="module")
-def images() -> torch.Tensor:
-    return torch.from_numpy(read_sklearn_digits().images[:256])
+def images() -> np.ndarray:
+    return read_sklearn_digits()[0][:256]
 
 
-def _teacher_run(images: torch.Tensor, seed: int = 0) -> tuple[loop.TrainState, loop.StepFn]:
+def _teacher_run(images: np.ndarray, seed: int = 0) -> tuple[loop.TrainState, loop.StepFn]:
     torch.manual_seed(seed)
     net = EDMPrecond(make_unet("tiny", 8, 1))
     cfg = loop.OptimConfig(lr=2e-3, lr_warmup_steps=2)
     state = loop.TrainState(net, loop.frozen_copy(net), loop.make_optimizer(net.parameters(), cfg))
-    data = loop.DataSampler(images, None, 32, seed=seed)
+    data = loop.ArrayBatches(images, None, 32, seed=seed)
     return state, loop.teacher_step(EDMLoss(), data, cfg, ema_rate=0.99)
 
 
-def _cm_run(images: torch.Tensor, method: str) -> tuple[loop.TrainState, loop.StepFn]:
+def _cm_run(images: np.ndarray, method: str) -> tuple[loop.TrainState, loop.StepFn]:
     torch.manual_seed(1)
     teacher = EDMPrecond(make_unet("tiny", 8, 1)).eval().requires_grad_(False)
     student = CMPrecond.from_edm(teacher).requires_grad_(True)
@@ -39,7 +40,7 @@ def _cm_run(images: torch.Tensor, method: str) -> tuple[loop.TrainState, loop.St
         loop.make_optimizer(student.parameters(), cfg),
         target=None if method == "ict" else loop.frozen_copy(student),
     )
-    data = loop.DataSampler(images, None, 16, seed=3)
+    data = loop.ArrayBatches(images, None, 16, seed=3)
     if method == "cd":
         return state, loop.cd_step(CDLoss(18), teacher, data, cfg, mu=0.95, ema_rate=0.99)
     if method == "ct":
@@ -47,7 +48,7 @@ def _cm_run(images: torch.Tensor, method: str) -> tuple[loop.TrainState, loop.St
     return state, loop.ict_step(ICTLoss(), data, cfg, total_steps=8, s0=4, s1=32, ema_rate=0.99)
 
 
-def test_teacher_loss_falls_and_rows_are_logged(images: torch.Tensor) -> None:
+def test_teacher_loss_falls_and_rows_are_logged(images: np.ndarray) -> None:
     state, step = _teacher_run(images)
     rows: list[dict[str, float]] = []
     loop.run_loop(
@@ -68,7 +69,7 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize("method", ["teacher", "cd", "ct", "ict"])
-def test_resume_from_checkpoint_matches_uninterrupted_run(images: torch.Tensor, method: str) -> None:
+def test_resume_from_checkpoint_matches_uninterrupted_run(images: np.ndarray, method: str) -> None:
     def make() -> tuple[loop.TrainState, loop.StepFn]:
         return _teacher_run(images) if method == "teacher" else _cm_run(images, method)
 
@@ -97,7 +98,29 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(images: torch.Tensor, 
     assert [r["step"] for r in resumed.metrics] == [4, 8]
 
 
-def test_time_budget_stops_early(images: torch.Tensor) -> None:
+def test_array_batches_follow_the_sample_order() -> None:
+    """W ranks x B/W get the rows and per-sample seeds of the 1-rank batch B; an epoch visits every row."""
+    from cmflow.training.order import SampleOrder
+
+    n = 300
+    ids = np.zeros((n, 1, 8, 8), dtype=np.uint8)
+    ids[:, 0, 0, 0], ids[:, 0, 0, 1] = np.arange(n) // 256, np.arange(n) % 256  # each row names itself
+    order = SampleOrder((n,), seed=5, lanes=2, window=100)
+    whole = loop.ArrayBatches(ids, None, 30, seed=5, order=order)
+    ranks = [loop.ArrayBatches(ids, None, 30, seed=5, order=order, rank=r, world=2) for r in range(2)]
+    epoch: list[int] = []
+    for k in range(order.partition // 15):  # one epoch: 10 steps of 2 lanes x 15 rows
+        one = whole.batch(k)
+        parts = [r.batch(k) for r in ranks]
+        assert torch.equal(torch.cat([p.x for p in parts]), one.x)  # lane 0 on rank 0, lane 1 on rank 1
+        assert parts[0].generator.seeds + parts[1].generator.seeds == one.generator.seeds
+        assert not set(parts[0].generator.seeds) & set(parts[1].generator.seeds)
+        raw = ((one.x[:, 0, 0, :2] + 1) * 127.5).round().long()
+        epoch.extend((raw[:, 0] * 256 + raw[:, 1]).tolist())
+    assert sorted(epoch) == list(range(n))  # P = 150 rows per lane: 300 = every row exactly once
+
+
+def test_time_budget_stops_early(images: np.ndarray) -> None:
     state, step = _teacher_run(images)
     loop.run_loop(
         state,

@@ -1,18 +1,61 @@
-"""The evaluation figure: FID versus NFE (matplotlib, Agg canvas). Sample grids: :func:`cmflow.data.images.save_grid`.
+"""Summaries of ``evaluate``'s per-seed numbers, the ratios to the teacher, and the FID-vs-NFE figure.
 
-No pyplot and no global backend switch: figures are drawn on a ``matplotlib.figure.Figure`` with its own
-Agg canvas, so importing or calling this module changes nothing for anyone else in the process.
+The figure is drawn on a ``matplotlib.figure.Figure`` with its own Agg canvas (no pyplot, no global backend
+switch), so nothing changes for anyone else in the process.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["FidPoint", "save_fid_vs_nfe"]
+SETTING_TEACHER, SETTING_1STEP, SETTING_2STEP = "teacher", "cm-1step", "cm-2step"
+METRICS = ("fid", "fid_inf", "kid", "precision", "recall")  # per seed, each summarised over the seeds
+
+
+def spread(values: list[float | None]) -> dict[str, float | None]:
+    """median / mean / std (ddof 1; 0 for one seed) / min / max of the finite values."""
+    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if finite.size == 0:
+        return {"median": None, "mean": None, "std": None, "min": None, "max": None}
+    return {
+        "median": float(np.median(finite)),
+        "mean": float(finite.mean()),
+        "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
+        "min": float(finite.min()),
+        "max": float(finite.max()),
+    }
+
+
+def medians(results: dict[str, dict[str, Any]], metric: str = "fid") -> dict[str, float | None]:
+    return {name: entry["summary"][metric]["median"] for name, entry in results.items()}
+
+
+def ratios(fid: dict[str, float | None]) -> dict[str, float | None]:
+    teacher = fid.get(SETTING_TEACHER)
+    return {
+        key: (fid[name] / teacher if teacher and fid.get(name) is not None else None)  # type: ignore[operator]
+        for key, name in (("1step", SETTING_1STEP), ("2step", SETTING_2STEP))
+    }
+
+
+def plot(results: dict[str, dict[str, Any]], path: Any, title: str) -> None:
+    labels = {
+        SETTING_TEACHER: ("teacher", "teacher (EDM Heun)"),
+        SETTING_1STEP: ("1-step", "CM"),
+        SETTING_2STEP: ("2-step", "CM"),
+    }
+    points = []
+    for name, entry in results.items():
+        fid = entry["summary"]["fid"]
+        if fid["median"] is not None:
+            points.append(FidPoint(*labels[name], entry["nfe"], fid["median"], fid["min"], fid["max"]))
+    save_fid_vs_nfe(points, path, title=title)
 
 
 @dataclass(frozen=True)
