@@ -82,7 +82,7 @@ def test_openai_teacher_samples_and_distils(
         loop.make_optimizer(student.parameters(), cfg),
         target=loop.frozen_copy(student),
     )
-    sampler = loop.ArrayBatches(torch.from_numpy(x), torch.from_numpy(y), 8, seed=0)
+    sampler = loop.ArrayBatches(x, y, 8, seed=0)
     step = loop.cd_step(CDLoss(18), model.requires_grad_(False), sampler, cfg, mu=0.95, ema_rate=0.9)
     before = [p.detach().clone() for p in student.parameters()]
     rows: list[dict[str, float]] = []
