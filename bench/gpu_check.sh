@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One GPU check, < 8 minutes on a CUDA machine:
+# One GPU check, < 12 minutes on a CUDA machine:
 #   1. CUDA is visible inside a Ray worker (a num_gpus=1 task sees the device and CUDA_VISIBLE_DEVICES);
 #   2. the CIFAR-10 CD training step at the paper architecture in bf16: img/s and MFU;
-#   3. the tiny pipeline with its teacher and distill stages on the GPU.
+#   3. the tiny pipeline with its teacher and distill stages on the GPU;
+#   4. the CIFAR-10 rehearsal (pipelines/cifar10-rehearsal.yaml) with GPU workers for teacher, distill and
+#      evaluate, 10 000 images, against a loopback S3 and MLflow server (scripts/rehearsal.sh).
 # Where packages are missing (a bare GPU box without internet), carry wheels in .whl/ (see docs/benchmarks.md).
 # Usage: bash bench/gpu_check.sh        (prints a table last; exit 1 if a check failed)
 set -uo pipefail
@@ -36,6 +38,7 @@ PY
 check cd-step-cifar10-bf16 "$py" bench/bench_cd_step.py --preset cifar10 --resolution 32 --channels 3 --batch 256 --bf16 --repeats 20
 check tiny-pipeline-gpu "$py" -m cmflow.cli.main run pipelines/tiny.yaml --set storage.root="$out/store" \
   --set stages.teacher.resources.gpus=1 --set stages.distill.resources.gpus=1 --set tracking.enabled=false
+CHECK_TIMEOUT=420 check rehearsal-gpu env GPUS=1 PER_BATCH=1000 PYTHON="$py" bash scripts/rehearsal.sh
 
 printf '\n| check | result | time |\n|---|---|---|\n'
 printf '%s\n' "${results[@]}"

@@ -19,7 +19,7 @@ from cmflow.training import perceptual
 def test_perceptual_net_stage_learns_digits_and_gives_a_distance(tmp_path: Path) -> None:
     storage = Storage(str(tmp_path / "store"))
     data = run_stage(storage, "prepare_data", {"source": "sklearn-digits", "max_images": 400})
-    manifest = run_stage(storage, "perceptual_net", {"steps": 60}, {"data": data})
+    manifest = run_stage(storage, "perceptual_net", {"steps": 150}, {"data": data})
     assert sorted(manifest.files) == [perceptual.CONFIG, perceptual.WEIGHTS]
     assert manifest.meta["train_accuracy"] > 0.5
     art = artifact(storage, manifest)
