@@ -82,3 +82,23 @@ def load_perceptual_uri(uri: str | None, options: dict[str, Any]) -> PerceptualD
         return load_perceptual(open_uri(f"{base}/{WEIGHTS}", options), config)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise InputError(f"{redact_uri(base)} is not a usable perceptual network ({exc})") from None
+
+
+def load_published_lpips(vgg16_uri: str, lin_uri: str, options: dict[str, Any]) -> Any:
+    """LPIPS v0.1 as published (:mod:`cmflow.metrics.lpips`): torchvision's VGG16 file and the lpips
+    package's v0.1 VGG heads, read by URI (weights only, strict)."""
+    from cmflow.metrics.lpips import load_lpips
+
+    vgg16, lins = open_uri(vgg16_uri, options), open_uri(lin_uri, options)
+    try:
+        return load_lpips(vgg16, lins)
+    except pickle.UnpicklingError:
+        raise InputError(
+            f"{redact_uri(vgg16_uri)} or {redact_uri(lin_uri)} was refused: not a weights-only state dict"
+        ) from None
+    except (ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or ["unreadable"])[0][:200]
+        raise InputError(
+            f"LPIPS weights {redact_uri(vgg16_uri)} + {redact_uri(lin_uri)} do not fit ({first}); pass "
+            "torchvision's vgg16 state dict and the lpips package's weights/v0.1/vgg.pth"
+        ) from None

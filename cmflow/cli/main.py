@@ -10,6 +10,7 @@ import typer
 
 from cmflow.cli import cache, run, runs
 from cmflow.cli import fid as fid_cli
+from cmflow.cli import interop as interop_cli
 from cmflow.cli import models as models_cli
 from cmflow.cli import sample as sample_cli
 from cmflow.cli import schedule as schedule_cli
@@ -32,6 +33,8 @@ app.command()(run.schema)
 app.add_typer(runs.app, name="runs")
 app.add_typer(cache.app, name="cache")
 app.add_typer(fid_cli.app, name="fid")
+models_cli.app.command("import")(interop_cli.import_)
+models_cli.app.command("export")(interop_cli.export)
 app.add_typer(models_cli.app, name="models")
 app.command()(sample_cli.sample)
 app.command()(sample_cli.edit)
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter (db migrations) on stderr
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # nor download progress bars
     logging.getLogger("alembic").setLevel(logging.WARNING)
     debug = "--debug" in args or os.environ.get("CMFLOW_DEBUG") == "1"
     try:

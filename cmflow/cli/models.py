@@ -1,4 +1,4 @@
-"""``cmflow models list | describe NAME | promote NAME --version N [--force] | rollback NAME``."""
+"""``cmflow models list | describe NAME | promote NAME --version N [--force] | rollback NAME | import | export``."""
 
 from __future__ import annotations
 

@@ -440,7 +440,12 @@ def _perceptual(job: TrainJob, device: Any) -> Any:
         return None
     from cmflow.training import perceptual
 
-    if job.perceptual is not None:
+    if params.get("lpips_vgg16_uri"):
+        from cmflow.loaders import load_published_lpips
+
+        options = params.get("storage_options", {})
+        net = load_published_lpips(params["lpips_vgg16_uri"], params["lpips_lin_uri"], options)
+    elif job.perceptual is not None:
         net = perceptual.load_perceptual(
             job.perceptual.read_bytes(perceptual.WEIGHTS), job.perceptual.read_json(perceptual.CONFIG)
         )

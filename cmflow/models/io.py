@@ -2,9 +2,14 @@
 
 ``model.json``::
 
-    {"format": 1, "kind": "cm" | "edm", "unet": UNetConfig.to_dict(),
-     "precond": {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0},
+    {"format": 1, "kind": "cm" | "edm", "backbone": "unet" | "adm",
+     "unet": UNetConfig.to_dict()  (backbone "unet")  |  "adm": ADMConfig.to_dict()  (backbone "adm"),
+     "precond": {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0, "c_noise_scale": 0.25},
      "image": {"channels": C, "resolution": R}, "num_classes": 0, ...extra}
+
+``backbone`` names an entry of :data:`BACKBONES`: cmflow's own :class:`~cmflow.models.unet.UNet` or the
+openai/consistency_models :class:`~cmflow.models.adm.ADM`. Files written before it existed have neither
+``backbone`` nor ``c_noise_scale``; they load as ``"unet"`` with c_noise = 1/4 ln sigma.
 
 The weights are the state dict of the preconditioned module (keys ``backbone.*``). Loading builds the
 classes named by ``kind`` from this config, then loads the tensors with ``strict=True``; a state dict in
@@ -22,6 +27,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from cmflow.models.adm import ADM, ADMConfig
 from cmflow.models.precond import CMPrecond, EDMPrecond
 from cmflow.models.unet import UNet, UNetConfig
 
@@ -29,18 +35,34 @@ FORMAT = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
 
+#: backbone name in model.json -> (module class, config class); the config sits under the same key.
+BACKBONES: dict[str, tuple[type[torch.nn.Module], Any]] = {
+    "unet": (UNet, UNetConfig),
+    "adm": (ADM, ADMConfig),
+}
+
+
+def backbone_name(backbone: torch.nn.Module) -> str:
+    """The :data:`BACKBONES` key of a backbone instance."""
+    for name, (cls, _) in BACKBONES.items():
+        if type(backbone) is cls:
+            return name
+    raise ValueError(f"{type(backbone).__name__} is not a known backbone ({', '.join(BACKBONES)})")
+
 
 def model_config(model: EDMPrecond | CMPrecond, **extra: Any) -> dict[str, Any]:
-    unet: UNet = model.backbone  # type: ignore[assignment]
-    cfg = unet.config
+    name = backbone_name(model.backbone)
+    cfg = model.backbone.config  # type: ignore[union-attr]
     return {
         "format": FORMAT,
         "kind": "cm" if isinstance(model, CMPrecond) else "edm",
-        "unet": cfg.to_dict(),
+        "backbone": name,
+        name: cfg.to_dict(),
         "precond": {
             "sigma_data": model.sigma_data,
             "sigma_min": model.sigma_min,
             "sigma_max": model.sigma_max,
+            "c_noise_scale": model.c_noise_scale,
         },
         "image": {"channels": cfg.in_channels, "resolution": cfg.img_resolution},
         "num_classes": cfg.num_classes,
@@ -70,7 +92,11 @@ def build_model(config: dict[str, Any]) -> EDMPrecond | CMPrecond:
             f"model config has format {config.get('format')!r} / kind {config.get('kind')!r}; expected format "
             f"{FORMAT} and kind 'cm' or 'edm'"
         )
-    backbone = UNet(UNetConfig.from_dict(config["unet"]))
+    name = config.get("backbone", "unet")
+    if name not in BACKBONES:
+        raise ValueError(f"model config names backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
+    module_cls, config_cls = BACKBONES[name]
+    backbone = module_cls(config_cls.from_dict(config[name]))
     precond = config.get("precond", {})
     cls = CMPrecond if config["kind"] == "cm" else EDMPrecond
     return cls(backbone, **precond)

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from cmflow.stage import ParamsModel, StageContext
 
-Preset = Literal["tiny", "digits", "cifar10", "imagenet64"]
+Preset = Literal["tiny", "digits", "cifar10", "imagenet64", "adm-imagenet64", "adm-lsun256"]
 #: params that change how a run is executed or watched, not what it computes (left out of cache keys)
 RUN_IGNORED = ("log_every", "max_failures")
 

@@ -27,7 +27,18 @@ class _ConsistencyParams(RunParams):
     lpips_uri: str | None = Field(
         None, description="distance lpips / feature: folder with perceptual.json + perceptual.safetensors."
     )
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for lpips_uri.")
+    lpips_vgg16_uri: str | None = Field(
+        None,
+        description="distance lpips as published: torchvision's VGG16 weights (vgg16-397923af.pth, "
+        "features.N.weight/bias); with lpips_lin_uri.",
+    )
+    lpips_lin_uri: str | None = Field(
+        None,
+        description="distance lpips as published: the LPIPS v0.1 VGG heads (the lpips package's v0.1/vgg.pth).",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for lpips_uri / lpips_vgg16_uri / lpips_lin_uri."
+    )
     weighting: Literal["uniform", "inverse_dt"] = "uniform"
     midpoint_sigma: float = Field(
         0.8, gt=0.002, lt=80, description="tau of the default 2-step sampler [80, tau]."
@@ -37,6 +48,11 @@ class _ConsistencyParams(RunParams):
     def _lpips_uri(self) -> _ConsistencyParams:
         if self.lpips_uri and self.distance not in ("lpips", "feature"):
             raise ValueError("lpips_uri is only used with distance 'lpips' or 'feature'")
+        published = (self.lpips_vgg16_uri is not None, self.lpips_lin_uri is not None)
+        if any(published) and (not all(published) or self.distance != "lpips" or self.lpips_uri):
+            raise ValueError(
+                "lpips_vgg16_uri and lpips_lin_uri go together, with distance 'lpips' and without lpips_uri"
+            )
         return self
 
 
@@ -153,10 +169,11 @@ def _train_and_write(
     from cmflow.models.io import build_model, save_model, weights_bytes
 
     info = DatasetInfo.parse(inputs["data"].read_bytes("dataset.json"))
-    if params.distance in ("lpips", "feature") and not params.lpips_uri and "perceptual" not in inputs:
+    has_net = params.lpips_uri or params.lpips_vgg16_uri or "perceptual" in inputs
+    if params.distance in ("lpips", "feature") and not has_net:
         raise InputError(
             f"stage {ctx.stage!r}: distance {params.distance!r} needs a perceptual network; wire "
-            "inputs.perceptual to a perceptual_net stage or set lpips_uri"
+            "inputs.perceptual to a perceptual_net stage, or set lpips_vgg16_uri + lpips_lin_uri (or lpips_uri)"
         )
     num_classes = int(config.get("num_classes", 0) or 0)
     if num_classes and not info.has_labels:

@@ -7,7 +7,7 @@ Stage modules import torch and other heavy libraries inside their functions, so 
 from __future__ import annotations
 
 from cmflow.stage import StageDef
-from cmflow.stages import demo, distill, perceptual, prepare_data, teacher
+from cmflow.stages import demo, distill, import_model, perceptual, prepare_data, teacher
 from cmflow.stages import register as register_stages
 from cmflow.stages.evaluate import stage as evaluate_stage
 
@@ -22,6 +22,7 @@ STAGES: dict[str, StageDef] = {
         distill.distill,
         distill.train_cm,
         perceptual.perceptual_net,
+        import_model.import_model,
         evaluate_stage.evaluate,
         register_stages.register,
         register_stages.promote,

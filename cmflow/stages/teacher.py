@@ -15,12 +15,23 @@ class TeacherParams(RunParams):
     uri: str | None = Field(
         None,
         description="Load a pretrained teacher instead of training: a folder URI with model.json and "
-        "model.safetensors (or a weights-only model.pt).",
+        "model.safetensors (or a weights-only model.pt), or a released openai/consistency_models EDM "
+        "checkpoint such as s3://models/edm_imagenet64_ema.pt.",
+    )
+    format: Literal["auto", "cmflow", "openai"] = Field(
+        "auto",
+        description="What `uri` holds: a cmflow model folder, a released openai .pt state dict (ADM backbone, "
+        "c_noise = 250 ln sigma; the architecture is `preset` if it is an adm-* preset, else detected), or "
+        "auto: a single file is openai, a folder cmflow.",
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `uri`.")
-    preset: Preset = Field("digits", description="UNet preset (cmflow.models.unet.UNET_PRESETS).")
+    preset: Preset = Field(
+        "digits",
+        description="Backbone preset: cmflow UNet (cmflow.models.unet.UNET_PRESETS) or openai ADM "
+        "(cmflow.models.adm.ADM_PRESETS: adm-imagenet64, adm-lsun256).",
+    )
     unet: dict[str, Any] = Field(
-        default_factory=dict, description="Overrides of the preset's UNetConfig fields."
+        default_factory=dict, description="Overrides of the preset's UNetConfig (or ADMConfig) fields."
     )
     steps: int = Field(2600, ge=0, description="Optimizer steps.")
     lr: float = Field(1e-3, gt=0)
@@ -60,6 +71,8 @@ def teacher(params: TeacherParams, inputs: dict[str, Artifact], ctx: StageContex
         teacher: {kind: teacher, inputs: {data: data}, params: {preset: digits, steps: 2600}}
         teacher: {kind: teacher, inputs: {data: data}, params: {preset: cifar10}, resources: {workers: 8, gpus: 1}}
         teacher: {kind: teacher, inputs: {data: data}, params: {uri: s3://models/edm-cifar10}}
+        teacher: {kind: teacher, inputs: {data: data},
+                  params: {uri: s3://models/edm_imagenet64_ema.pt, format: openai, preset: adm-imagenet64}}
     """
     from cmflow.data.shards import DatasetInfo
     from cmflow.models.io import save_model, weights_bytes
@@ -68,10 +81,14 @@ def teacher(params: TeacherParams, inputs: dict[str, Artifact], ctx: StageContex
     channels, resolution, _ = info.shape
     grids = {"samples.png": {"method": "edm", "num_steps": 18}}
     if params.uri:
-        from cmflow.loaders import load_model_uri
+        from cmflow.interop import load_teacher_uri
+        from cmflow.models.adm import ADM_PRESETS
         from cmflow.training.builders import check_image_shape, count_params
 
-        model, config = load_model_uri(params.uri, params.storage_options, "edm")
+        adm_preset = params.preset if params.preset in ADM_PRESETS else None
+        model, config = load_teacher_uri(
+            params.uri, params.storage_options, params.format, adm_preset, params.unet if adm_preset else {}
+        )
         check_image_shape(config, channels, resolution, params.uri)
         config = save_model(model, ctx.out_dir, source="uri", dataset_digest=info.digest)
         save_grids((ctx.out_dir / "model.safetensors").read_bytes(), config, grids, params.grid_samples, ctx)
@@ -187,6 +204,10 @@ def teacher_sample(
             f"stage {ctx.stage!r}: input 'teacher' holds a {config.get('kind')!r} model, not an EDM one"
         )
     image, num_classes = config["image"], int(config.get("num_classes", 0))
+    if not num_classes and params.class_labels is not None:
+        raise InputError(
+            f"stage {ctx.stage!r}: the teacher is unconditional, so it takes no class labels; remove class_labels"
+        )
     if num_classes and params.class_labels is None:
         raise InputError(
             f"stage {ctx.stage!r}: the teacher is class-conditional; set class_labels: uniform (or a class index)"

@@ -10,11 +10,17 @@ from cmflow.errors import InputError, SpecError
 
 
 def build_edm(preset: str, unet: dict[str, Any], channels: int, resolution: int, where: str) -> Any:
-    """An untrained EDM denoiser around ``make_unet(preset, resolution, channels, **unet)``."""
+    """An untrained EDM denoiser around ``make_unet(preset, resolution, channels, **unet)``, or around the
+    openai ADM for an ``adm-*`` preset (with c_noise = 250 ln sigma, as those checkpoints)."""
+    from cmflow.models.adm import ADM_PRESETS, make_adm
+    from cmflow.models.openai_format import C_NOISE_SCALE
     from cmflow.models.precond import EDMPrecond
     from cmflow.models.unet import make_unet
 
     try:
+        if preset in ADM_PRESETS:
+            shape = {"img_resolution": resolution, "in_channels": channels, "out_channels": channels}
+            return EDMPrecond(make_adm(preset, **{**shape, **unet}), c_noise_scale=C_NOISE_SCALE)
         return EDMPrecond(make_unet(preset, resolution, channels, **unet))
     except (TypeError, ValueError) as exc:
         raise SpecError(f"{where}.unet does not describe a valid UNet ({exc}); fix the overrides") from None
@@ -24,7 +30,8 @@ def build_cm(preset: str, unet: dict[str, Any], channels: int, resolution: int, 
     """An untrained consistency model (CT / iCT start from scratch) around the same UNet family."""
     from cmflow.models.precond import CMPrecond
 
-    return CMPrecond(build_edm(preset, unet, channels, resolution, where).backbone)
+    edm = build_edm(preset, unet, channels, resolution, where)
+    return CMPrecond(edm.backbone, c_noise_scale=edm.c_noise_scale)
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("loops", ("cmflow.training",)),
     ("io", ("cmflow.storage", "cmflow.data", "cmflow.loaders")),
     ("core", ("cmflow.spec", "cmflow.stage", "cmflow.cache", "cmflow.fingerprint", "cmflow.gc")),
-    ("services", ("cmflow.mlflow_client", "cmflow.registry", "cmflow.serving")),
+    ("services", ("cmflow.mlflow_client", "cmflow.registry", "cmflow.serving", "cmflow.interop")),
     ("distributed", ("cmflow.distributed",)),
     ("stages", ("cmflow.stages",)),
     ("engine", ("cmflow.validate", "cmflow.engine", "cmflow.submit", "cmflow.schedule", "cmflow.scheduler")),
