@@ -22,7 +22,6 @@ more than a few windows, whatever the dataset's size.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +139,56 @@ def _empty(info: DatasetInfo) -> dict[str, np.ndarray]:
     return out
 
 
+class _Lane:
+    """One lane's stream as whole windows (one Ray Data block each), sliced into batches here.
+
+    Ray Data hands over a window at a time -- no per-batch conversion threads competing with the training
+    loop for the interpreter -- and the lane keeps only the current window.
+    """
+
+    def __init__(self, plan: StreamPlan, lane: int, iterator: Any) -> None:
+        self.plan, self.lane = plan, lane
+        self._open(iterator)
+
+    def _open(self, iterator: Any) -> None:
+        self._blocks = iter(iterator.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
+        self._window: dict[str, np.ndarray] | None = None
+
+    def take(self, step: int) -> dict[str, np.ndarray]:
+        """Rows at positions [step b, (step + 1) b): skips forward past older rows; reopens the stream at
+        ``step`` when it starts later (a checkpoint older than the recorded data position was restored)."""
+        b = self.plan.lane_batch
+        want = step * b
+        parts: list[dict[str, np.ndarray]] = []
+        need = b
+        while need:
+            window = self._window
+            if window is None or not window["position"].shape[0]:
+                try:
+                    window = self._window = next(self._blocks)
+                except StopIteration:
+                    raise StageError(
+                        f"the data stream of lane {self.lane} ended before step {step}"
+                    ) from None
+                continue
+            position = window["position"]
+            first = int(position[0])
+            if first > want and not parts:
+                self._open(self.plan.dataset(self.lane, step).iterator())
+                continue
+            start = int(np.searchsorted(position, want)) if first < want else 0
+            piece = {k: v[start : start + need] for k, v in window.items()}
+            rest = {k: v[start + need :] for k, v in window.items()}
+            self._window = rest
+            if piece["position"].shape[0]:
+                parts.append(piece)
+                need -= piece["position"].shape[0]
+                want += piece["position"].shape[0]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 class StreamBatches:
     """A Ray Train worker's :class:`~cmflow.training.loop.BatchSource`: its lanes' rows of every step."""
 
@@ -153,30 +202,11 @@ class StreamBatches:
             import ray.train
 
             shards = {lane: ray.train.get_dataset_shard(f"lane{lane}") for lane in self.lanes}
-        self._streams = {lane: self._rows(shards[lane]) for lane in self.lanes}
-
-    def _rows(self, iterator: Any) -> Iterator[dict[str, np.ndarray]]:
-        return iter(
-            iterator.iter_batches(batch_size=self.plan.lane_batch, batch_format="numpy", prefetch_batches=2)
-        )
-
-    def _take(self, lane: int, step: int) -> dict[str, np.ndarray]:
-        want = step * self.plan.lane_batch
-        while True:
-            try:
-                rows = next(self._streams[lane])
-            except StopIteration:
-                raise StageError(f"the data stream of lane {lane} ended before step {step}") from None
-            first = int(rows["position"][0])
-            if first == want:
-                return rows
-            if first > want:  # the stream starts after the restored checkpoint: read from there instead
-                self._streams[lane] = self._rows(self.plan.dataset(lane, step).iterator())
-            # first < want: the stream starts at an older checkpoint; skip forward
+        self._streams = {lane: _Lane(plan, lane, shards[lane]) for lane in self.lanes}
 
     def batch(self, step: int) -> Batch:
         b = self.plan.lane_batch
-        parts = [self._take(lane, step) for lane in self.lanes]
+        parts = [self._streams[lane].take(step) for lane in self.lanes]
         positions = [lane * b + j for lane in self.lanes for j in range(b)]
         seeds = [sample_seed(self.plan.seed, step, g) for g in positions]
         images = np.concatenate([p["images"] for p in parts])

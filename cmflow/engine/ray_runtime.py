@@ -25,6 +25,15 @@ def worker_env(threads: int) -> dict[str, str]:
     return {**WORKER_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
+def _driver_runtime_env() -> dict[str, Any] | None:
+    """The runtime env this driver asks for: :data:`WORKER_ENV`, unless the driver is itself a submitted Ray
+    job -- `cmflow submit` already put those variables in the job's runtime env, and Ray refuses a driver
+    whose runtime env names a variable the job's also sets."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        return None
+    return {"env_vars": dict(WORKER_ENV)}
+
+
 class RayRuntime:
     """Ray for one pipeline run: a local Ray cmflow starts (and stops), or an existing cluster."""
 
@@ -47,7 +56,7 @@ class RayRuntime:
                     address=self.address,
                     logging_level=logging.WARNING,
                     log_to_driver=False,
-                    runtime_env={"env_vars": dict(WORKER_ENV)},
+                    runtime_env=_driver_runtime_env(),
                 )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise ClusterError(
