@@ -3,7 +3,7 @@
     python bench/bench_scale.py rss [--sizes 50000,200000,1000000]   # peak RSS of a training worker
     python bench/bench_scale.py prepare [--images 3000]              # prepare_data images/s, 1 vs 2 CPUs
     python bench/bench_scale.py evaluate [--samples 4000]            # evaluate wall time, 1 vs 2 tasks
-    python bench/bench_scale.py distill [--steps 60]                 # distill img/s, 1 vs 2 workers
+    python bench/bench_scale.py train [--steps 60]                   # teacher/distill img/s, 1x2, 2x1, 1x1
 
 Run inside the loopback namespace on an otherwise idle machine (``bash .ci/netns .venv/bin/python ...``);
 each measurement starts its own local Ray in a fresh subprocess, so the numbers of a row are comparable.
@@ -16,8 +16,8 @@ Prints a markdown table per command (docs/benchmarks.md keeps the results).
   Ray of 1 and of 2 CPUs (1 CPU per decode task).
 * ``evaluate``: the digits evaluation (teacher at NFE 35 and the CM, one seed) with ``num_tasks`` 1 and 2
   (1 CPU each); the reference statistics are computed before, so both runs only sample and embed.
-* ``distill``: digits CD at global batch 128 on 1 worker x 2 threads and on 2 workers x 1 thread
-  (``BENCH_STAGE=teacher``: the digits teacher the same way).
+* ``train``: the digits teacher and digits CD at global batch 128 on 1 worker x 2 threads, 2 workers x
+  1 thread (DDP over gloo) and 1 worker x 1 thread.
 """
 
 from __future__ import annotations
@@ -177,21 +177,19 @@ def one_evaluate(tasks: int, work: Path, samples: int) -> dict:
     return {"tasks": tasks, "seconds": seconds, "sampling_s": timings.get("sampling_s")}
 
 
-def one_distill(workers: int, work: Path, steps: int) -> dict:
+def one_train(stage: str, workers: int, cpus: int, work: Path, steps: int) -> dict:
+    """The digits ``teacher`` or ``distill`` stage at global batch 128 on ``workers`` x ``cpus``."""
     _ray(2, work)
     data, teacher, _ = _digits_models(work)
-    params = {"steps": steps, "batch_size": 128, "num_scales": 10, "checkpoint_every": 0, "grid_samples": 0,
-              "log_every": 10}  # fmt: skip
-    resources = {"cpus": 2 // workers, "workers": workers}
-    _, seconds, timings = _stage(
-        str(work / "store"), "distill", params, {"teacher": teacher, "data": data}, resources
-    )
-    return {
-        "workers": workers,
-        "threads": 2 // workers,
-        "imgs_per_s": timings.get("imgs_per_s"),
-        "seconds": seconds,
-    }
+    params = {"steps": steps, "batch_size": 128, "checkpoint_every": 0, "grid_samples": 0, "log_every": 10}
+    if stage == "teacher":
+        params["preset"], inputs = "digits", {"data": data}
+    else:
+        params["num_scales"], inputs = 10, {"teacher": teacher, "data": data}
+    resources = {"cpus": cpus, "workers": workers}
+    _, seconds, timings = _stage(str(work / "store"), stage, params, inputs, resources)
+    return {"stage": stage, "workers": workers, "threads": cpus, "imgs_per_s": timings.get("imgs_per_s"),
+            "seconds": seconds}  # fmt: skip
 
 
 def _subprocess(*args: str) -> dict:
@@ -205,7 +203,7 @@ def _subprocess(*args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["rss", "prepare", "evaluate", "distill", "_one"])
+    parser.add_argument("command", choices=["rss", "prepare", "evaluate", "train", "_one"])
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--sizes", default="50000,200000,1000000")
     parser.add_argument("--images", type=int, default=3000)
@@ -213,9 +211,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     if args.command == "_one":
+        if args.rest[0] == "train":
+            stage, workers, cpus, work, steps = args.rest[1:]
+            print(json.dumps(one_train(stage, int(workers), int(cpus), Path(work), int(steps))))
+            return
         kind, value, work, extra = args.rest[0], int(args.rest[1]), Path(args.rest[2]), int(args.rest[3])
         fn = {"rss": lambda: one_rss(value, work), "prepare": lambda: one_prepare(value, work, extra),
-              "evaluate": lambda: one_evaluate(value, work, extra), "distill": lambda: one_distill(value, work, extra)}  # fmt: skip
+              "evaluate": lambda: one_evaluate(value, work, extra)}  # fmt: skip
         print(json.dumps(fn[kind]()))
         return
     with tempfile.TemporaryDirectory(prefix="cmflow-bench-scale-") as tmp:
@@ -241,14 +243,16 @@ def main() -> None:
                 print(f"| {row['tasks']} | {row['seconds']:.1f} | {row['sampling_s']:.1f} | "
                       f"{row['seconds'] / rows[0]['seconds']:.2f}x |")  # fmt: skip
         else:
-            rows = [_subprocess("distill", str(w), str(work / str(w)), str(args.steps)) for w in (1, 2)]
-            print(
-                "| workers x threads | img/s (global batch 128) | stage seconds | vs 1 worker |\n|---|---|---|---|"
-            )
-            for row in rows:
-                print(f"| {row['workers']} x {row['threads']} | {row['imgs_per_s']:.0f} | {row['seconds']:.1f} | "
-                      f"{row['imgs_per_s'] / rows[0]['imgs_per_s']:.2f}x |")  # fmt: skip
-
+            print("| stage | workers x threads | img/s (global batch 128) | stage seconds | vs 1 x 2 |")
+            print("|---|---|---|---|---|")
+            for stage in ("teacher", "distill"):
+                rows = [
+                    _subprocess("train", stage, str(w), str(c), str(work / f"{stage}{w}{c}"), str(args.steps))
+                    for w, c in ((1, 2), (2, 1), (1, 1))
+                ]
+                for row in rows:
+                    print(f"| {stage} | {row['workers']} x {row['threads']} | {row['imgs_per_s']:.0f} | "
+                          f"{row['seconds']:.1f} | {row['imgs_per_s'] / rows[0]['imgs_per_s']:.2f}x |")  # fmt: skip
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))

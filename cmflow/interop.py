@@ -24,8 +24,25 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from cmflow.errors import InputError, UsageError
+from cmflow.errors import InputError, RegistryError, UsageError
+from cmflow.loaders import load_model_uri
+from cmflow.mlflow_client import experiment_id
+from cmflow.models import diffusers_format as dfmt
+from cmflow.models.adm import ADM, ADMConfig
+from cmflow.models.io import load_state, model_config, save_model
+from cmflow.models.openai_format import (
+    C_NOISE_SCALE,
+    adm_config_for,
+    build_openai_model,
+    expected_shapes,
+    first_mismatch,
+    is_openai_state,
+    read_torch_state,
+)
+from cmflow.models.precond import CMPrecond
 from cmflow.redact import redact_uri
+from cmflow.registry import check_model_name, register_version, resolve_model_uri
+from cmflow.storage import open_uri
 
 Format = Literal["auto", "cmflow", "openai", "diffusers"]
 
@@ -48,8 +65,6 @@ def detect_format(uri: str, options: dict[str, Any]) -> str:
 
 def read_openai_state(uri: str, options: dict[str, Any]) -> dict[str, Any]:
     """The tensors of a released ``.pt`` file (weights only); a pickle that needs code is refused."""
-    from cmflow.models.openai_format import is_openai_state, read_torch_state
-    from cmflow.storage import open_uri
 
     where = redact_uri(uri)
     data = open_uri(uri, options)
@@ -82,7 +97,6 @@ def read_openai_state(uri: str, options: dict[str, Any]) -> dict[str, Any]:
 def _openai_model(
     uri: str, options: dict[str, Any], kind: str, preset: str | None, overrides: dict[str, Any]
 ) -> Any:
-    from cmflow.models.openai_format import adm_config_for, build_openai_model
 
     state = read_openai_state(uri, options)
     try:
@@ -111,12 +125,9 @@ def load_teacher_uri(
     For ``openai`` files ``preset`` (an ``adm-*`` preset; ``None`` tries them all) and ``overrides``
     (ADMConfig fields, e.g. ``dropout``) describe the architecture; the file must fit it key for key.
     """
-    from cmflow.models.io import model_config
 
     fmt = detect_format(uri, options) if fmt == "auto" else fmt
     if fmt == "cmflow":
-        from cmflow.loaders import load_model_uri
-
         return load_model_uri(uri, options, "edm")
     if fmt != "openai":
         raise InputError(
@@ -153,7 +164,6 @@ def import_consistency_model(
 
 
 def _json(uri: str, options: dict[str, Any]) -> dict[str, Any]:
-    from cmflow.storage import open_uri
 
     try:
         data = json.loads(open_uri(uri, options))
@@ -167,12 +177,6 @@ def _json(uri: str, options: dict[str, Any]) -> dict[str, Any]:
 def read_diffusers_folder(uri: str, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """A ``ConsistencyModelPipeline`` folder (UNet2DModel + CMStochasticIterativeScheduler) as a cmflow CM."""
     from safetensors.torch import load as st_load
-
-    from cmflow.models import diffusers_format as dfmt
-    from cmflow.models.adm import ADM
-    from cmflow.models.openai_format import C_NOISE_SCALE, expected_shapes, first_mismatch
-    from cmflow.models.precond import CMPrecond
-    from cmflow.storage import open_uri
 
     base = uri.rstrip("/")
     where = redact_uri(base)
@@ -253,11 +257,6 @@ def export_diffusers(
     """
     from safetensors.torch import save_file
 
-    from cmflow.models import diffusers_format as dfmt
-    from cmflow.models.adm import ADMConfig
-    from cmflow.models.io import load_state
-    from cmflow.models.openai_format import C_NOISE_SCALE
-
     backbone = config.get("backbone", "unet")
     if config.get("kind") != "cm":
         raise UsageError(
@@ -332,10 +331,6 @@ def register_imported(
     """
     import hashlib
 
-    from cmflow.mlflow_client import experiment_id
-    from cmflow.models.io import save_model
-    from cmflow.registry import check_model_name, register_version
-
     check_model_name(name)
     model, extra = import_consistency_model(uri, fmt, preset=preset, overrides=overrides, options=options)
     sampling: dict[str, Any] = {"one_step_sigmas": [model.sigma_max]}
@@ -382,9 +377,6 @@ def export_registered(
     """``models:/NAME@ALIAS`` (or ``NAME@ALIAS``, ``NAME/VERSION``) as a diffusers pipeline folder."""
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
-
-    from cmflow.errors import RegistryError
-    from cmflow.registry import resolve_model_uri
 
     uri = model_uri if model_uri.startswith("models:/") else f"models:/{model_uri}"
     resolved = resolve_model_uri(client, uri)

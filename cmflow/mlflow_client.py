@@ -59,9 +59,15 @@ def client_for(tracking_uri: str | None = None, root: str | None = None) -> Any:
 
 
 def experiment_id(client: Any, name: str, artifact_location: str | None = None) -> str:
-    """The id of experiment ``name``, created (or restored) if needed; safe against concurrent creation."""
+    """The id of experiment ``name``, created (or restored) if needed; safe against concurrent creation.
+
+    A new experiment on a SQLite store keeps its artifacts beside the database file (``mlflow-artifacts/``)
+    unless ``artifact_location`` says otherwise -- never in MLflow's default ``./mlruns`` under the cwd.
+    """
     from mlflow.exceptions import MlflowException
 
+    if artifact_location is None:
+        artifact_location = _beside_sqlite(str(getattr(client, "tracking_uri", "")))
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
@@ -73,3 +79,9 @@ def experiment_id(client: Any, name: str, artifact_location: str | None = None) 
     if found.lifecycle_stage == "deleted":
         client.restore_experiment(found.experiment_id)
     return found.experiment_id
+
+
+def _beside_sqlite(uri: str) -> str | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlflow-artifacts").as_uri()

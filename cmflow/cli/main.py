@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter (db migrations) on stderr
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # nor download progress bars
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name in ("alembic", "mlflow"):  # "mlflow" too when imported earlier in this process (tests, notebooks)
+        logging.getLogger(name).setLevel(logging.WARNING)
     debug = "--debug" in args or os.environ.get("CMFLOW_DEBUG") == "1"
     try:
         result = app(args=args, standalone_mode=False, prog_name="cmflow")

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from cmflow.distributed.errors import unwrap
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -80,8 +82,6 @@ def iter_tasks(
                 yield ray.get(done.pop(following))
                 following += 1
     except RayTaskError as exc:
-        from cmflow.distributed.errors import unwrap
-
         raise unwrap(exc) from None
     finally:
         for ref in submitted:

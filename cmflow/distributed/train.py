@@ -30,9 +30,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cmflow.errors import InputError, StageError
+from cmflow.data.shards import DatasetInfo
+from cmflow.diffusion import losses
+from cmflow.distributed.data import LaneDataset, StreamBatches, StreamPlan
+from cmflow.distributed.errors import unwrap
+from cmflow.errors import CmflowError, InputError, StageError
+from cmflow.loaders import load_perceptual_uri, load_published_lpips
+from cmflow.models.io import load_model
+from cmflow.models.precond import CMPrecond
 from cmflow.stage import Artifact, StageContext
 from cmflow.storage import Storage
+from cmflow.training import loop, perceptual
+from cmflow.training.builders import build_cm, build_edm
+from cmflow.training.checkpoint import FILENAME, checkpoint_bytes, load_checkpoint, restore
+from cmflow.training.loop import LoopHooks, run_loop
+from cmflow.training.order import SampleOrder
+from cmflow.training.perceptual import feature_pair_loss
 
 Method = Literal["edm", "cd", "ct", "ict"]
 CHECKPOINT_DIR = re.compile(r"^checkpoint_\d{4}-\d{2}-\d{2}_[\d.-]+$")
@@ -72,10 +85,6 @@ def run_config_paths(ctx: StageContext) -> tuple[str, Any]:
 def stream_plan(job: TrainJob, ctx: StageContext) -> Any:
     """The sample order and stream of ``job``'s dataset (lanes default to the worker count)."""
     import json
-
-    from cmflow.data.shards import DatasetInfo
-    from cmflow.distributed.data import StreamPlan
-    from cmflow.training.order import SampleOrder
 
     params, workers = job.params, ctx.resources.workers
     info = DatasetInfo.parse(job.data.read_bytes("dataset.json"))
@@ -120,9 +129,6 @@ def fit(job: TrainJob, ctx: StageContext, *, max_failures: int = 3) -> dict[str,
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
-
-    from cmflow.distributed.data import LaneDataset
-    from cmflow.training.checkpoint import FILENAME, load_checkpoint
 
     resources = ctx.resources
     job.stream = stream_plan(job, ctx)
@@ -176,8 +182,6 @@ def _remove_unregistered_checkpoints(ctx: StageContext, result: Any) -> None:
 
 
 def _training_error(ctx: StageContext, exc: BaseException, max_failures: int) -> str:
-    from cmflow.distributed.errors import unwrap
-    from cmflow.errors import CmflowError
 
     inner = unwrap(exc)
     if isinstance(inner, CmflowError):
@@ -198,8 +202,6 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from cmflow.distributed.data import StreamBatches
-
     job: TrainJob = config["job"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -208,8 +210,6 @@ def train_worker(config: dict[str, Any]) -> None:
     run = build_run(job, StreamBatches(job.stream, rank, world, device), device)
     previous = ray.train.get_checkpoint()
     if previous is not None:
-        from cmflow.training.checkpoint import FILENAME, load_checkpoint, restore
-
         with previous.as_directory() as folder:
             restore(run.state, load_checkpoint((Path(folder) / FILENAME).read_bytes()))
     forward = run.state.online
@@ -219,7 +219,6 @@ def train_worker(config: dict[str, Any]) -> None:
         forward = DistributedDataParallel(
             run.state.online, device_ids=[device.index] if device.type == "cuda" else None
         )
-    from cmflow.training.loop import LoopHooks, run_loop
 
     params = job.params
     hooks = LoopHooks(
@@ -272,8 +271,6 @@ def _periodic_report(job: TrainJob, state: Any, rank: int) -> None:
 def _report(job: TrainJob, state: Any, rank: int, *, final: bool) -> None:
     """Every rank calls ``ray.train.report``; rank 0 attaches the checkpoint and waits until it is registered."""
     import ray.train
-
-    from cmflow.training.checkpoint import FILENAME, checkpoint_bytes
 
     metrics = {"step": state.step, "final": final}
     if rank != 0:
@@ -334,9 +331,6 @@ def build_run(job: TrainJob, data: Any, device: Any) -> _Run:
     """Networks, optimizer and step function of ``job`` on ``device``, drawing batches from ``data``."""
     import torch
 
-    from cmflow.diffusion import losses
-    from cmflow.training import loop
-
     params = job.params
     torch.manual_seed(job.seed)  # the same initial weights on every rank and every rerun
     online = _initial_network(job).to(device)
@@ -367,7 +361,6 @@ def build_run(job: TrainJob, data: Any, device: Any) -> _Run:
     def wrap(loss_fn: Any) -> Any:
         if not feature:
             return loss_fn
-        from cmflow.training.perceptual import feature_pair_loss
 
         return feature_pair_loss(loss_fn, net)
 
@@ -408,7 +401,6 @@ class _WithoutLabels:
 
 
 def _teacher(job: TrainJob, device: Any) -> Any:
-    from cmflow.models.io import load_model
 
     assert job.teacher is not None
     model = load_model(job.teacher.read_bytes("model.safetensors"), job.teacher.read_json("model.json"))
@@ -417,11 +409,8 @@ def _teacher(job: TrainJob, device: Any) -> Any:
 
 def _initial_network(job: TrainJob) -> Any:
     """The EDM teacher or CT/iCT student: fresh from preset + unet; the CD student: the teacher's weights."""
-    from cmflow.training.builders import build_cm, build_edm
 
     if job.method == "cd":
-        from cmflow.models.precond import CMPrecond
-
         return CMPrecond.from_edm(_teacher(job, "cpu")).requires_grad_(True)
     channels, resolution, _ = _shape(job)
     build = build_edm if job.method == "edm" else build_cm
@@ -438,11 +427,8 @@ def _perceptual(job: TrainJob, device: Any) -> Any:
     params = job.params
     if params["distance"] not in ("lpips", "feature"):
         return None
-    from cmflow.training import perceptual
 
     if params.get("lpips_vgg16_uri"):
-        from cmflow.loaders import load_published_lpips
-
         options = params.get("storage_options", {})
         net = load_published_lpips(params["lpips_vgg16_uri"], params["lpips_lin_uri"], options)
     elif job.perceptual is not None:
@@ -450,7 +436,5 @@ def _perceptual(job: TrainJob, device: Any) -> Any:
             job.perceptual.read_bytes(perceptual.WEIGHTS), job.perceptual.read_json(perceptual.CONFIG)
         )
     else:
-        from cmflow.loaders import load_perceptual_uri
-
         net = load_perceptual_uri(params["lpips_uri"], params.get("storage_options", {}))
     return net.to(device)

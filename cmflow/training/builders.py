@@ -7,15 +7,15 @@ from typing import Any
 import torch
 
 from cmflow.errors import InputError, SpecError
+from cmflow.models.adm import ADM_PRESETS, make_adm
+from cmflow.models.openai_format import C_NOISE_SCALE
+from cmflow.models.precond import CMPrecond, EDMPrecond
+from cmflow.models.unet import make_unet
 
 
 def build_edm(preset: str, unet: dict[str, Any], channels: int, resolution: int, where: str) -> Any:
     """An untrained EDM denoiser around ``make_unet(preset, resolution, channels, **unet)``, or around the
     openai ADM for an ``adm-*`` preset (with c_noise = 250 ln sigma, as those checkpoints)."""
-    from cmflow.models.adm import ADM_PRESETS, make_adm
-    from cmflow.models.openai_format import C_NOISE_SCALE
-    from cmflow.models.precond import EDMPrecond
-    from cmflow.models.unet import make_unet
 
     try:
         if preset in ADM_PRESETS:
@@ -28,7 +28,6 @@ def build_edm(preset: str, unet: dict[str, Any], channels: int, resolution: int,
 
 def build_cm(preset: str, unet: dict[str, Any], channels: int, resolution: int, where: str) -> Any:
     """An untrained consistency model (CT / iCT start from scratch) around the same UNet family."""
-    from cmflow.models.precond import CMPrecond
 
     edm = build_edm(preset, unet, channels, resolution, where)
     return CMPrecond(edm.backbone, c_noise_scale=edm.c_noise_scale)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cmflow.diffusion.rng import call_with_shared_rng
+
 CONFIG = "perceptual.json"
 WEIGHTS = "perceptual.safetensors"
 
@@ -159,7 +161,6 @@ def feature_pair_loss(loss_fn: Any, net: PerceptualDistance) -> Any:
 
     Replaces the loss's ``pair_loss`` (same contract: shared dropout RNG, target under no_grad).
     """
-    from cmflow.diffusion.rng import call_with_shared_rng
 
     def pair_loss(student, target, x_hi, t_hi, x_lo, t_lo, class_labels):  # noqa: ANN001, ANN202
         def online() -> Tensor:

@@ -165,7 +165,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_on_s3(
     teacher = storage.commit("teacher", "t" * 64, teacher_folder)
     interval = 20
     params = DistillParams(
-        steps=400,
+        steps=200,
         batch_size=32,
         lr=1e-3,
         checkpoint_every=interval,
@@ -195,7 +195,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_on_s3(
     meta = distill(params, {"teacher": artifact(storage, teacher), "data": artifact(storage, data)}, ctx)
     thread.join(timeout=5)
     assert "error" not in killed, killed.get("error")
-    assert meta["steps"] == 400
+    assert meta["steps"] == 200
     # resumed from the last checkpoint registered before the kill (or a later one), so at most one
     # checkpoint interval of training was lost
     assert meta["resumed_from_step"] >= killed["last_registered"] >= 2 * interval
@@ -207,4 +207,4 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_on_s3(
     kept = [name for name in runs if CHECKPOINT_DIR.match(name)]
     assert 1 <= len(kept) <= 2, runs  # num_to_keep = 2; folders Ray Train does not keep are removed
     losses = [row["loss"] for row in ctx.metrics]
-    assert len(losses) == 20 and np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert len(losses) == 10 and np.mean(losses[-3:]) < np.mean(losses[:3])
