@@ -448,7 +448,9 @@ def test_cli_schedule_error_is_one_clean_line(tmp_path: Path, capsys: pytest.Cap
     )
 
 
-def test_cli_create_list_disable_enable_delete_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_create_list_disable_enable_delete_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = str(tmp_path / "root")
     spec = write_spec(tmp_path / "tiny.yaml", demo_spec(root))
     assert (
@@ -510,8 +512,9 @@ def test_cli_create_list_disable_enable_delete_export(tmp_path: Path, capsys: py
     storage.write_json(f"runs/{run_id}/run.json", {"run_id": run_id, "status": "succeeded"})
     assert main(["schedule", "list", "--root", root, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["last_run_status"] == "succeeded"
+    monkeypatch.setenv("COLUMNS", "200")  # the table, unwrapped
     assert main(["schedule", "list", "--root", root]) == 0
-    assert "(succeeded)" in capsys.readouterr().out
+    assert f"{run_id} (succeeded)" in capsys.readouterr().out
 
     assert main(["schedule", "export", "weekly", "--kuberay", "--root", root]) == 0
     manifest = yaml.safe_load(capsys.readouterr().out)
