@@ -114,6 +114,7 @@ def test_tiny_pipeline_registers_promotes_and_tracks(
     v2 = client.get_model_version(name, "2")
     assert v2.tags["cmflow.validation_status"] == "failed"
     assert json.loads(v2.tags["cmflow.gate"])["max_fid"] == 1e-3
+    capsys.readouterr()  # drop what came before (MLflow's download progress bars)
     assert main(["models", "promote", name, "--version", "2", "--tracking-uri", mlflow_server]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "> max_fid 0.001" in err and '--force --reason "..."' in err
