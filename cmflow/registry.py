@@ -8,8 +8,14 @@ Version tags written by :func:`register_version` and the promote step::
 
     cmflow.run_id, cmflow.cache_key, cmflow.stage_run_id, cmflow.model_digest, cmflow.dataset_digest,
     cmflow.ref_stats_digest, fid_1step / fid_2step / fid_teacher / nfe_* (the evaluate report's numbers),
-    cmflow.validation_status (pending | passed | failed), cmflow.gate_report (JSON),
+    cmflow.gate (JSON: the gate the version was registered under, :class:`Gate`),
+    cmflow.validation_status (pending | passed | failed | forced), cmflow.gate_report (JSON),
+    cmflow.forced_reason (why a version that failed its gate was promoted with ``force``),
     cmflow.previous_champion (the version that was champion when this one was promoted)
+
+One gate: the ``register`` stage records its gate on the version (``cmflow.gate``), and both the
+``promote`` stage and ``cmflow models promote`` apply that gate. ``force`` promotes past a failed gate
+only with a reason, and the version is tagged ``forced``, never ``passed``.
 
 Lower metric values are better (FID, KID). All functions take an explicit ``MlflowClient`` (no global
 tracking URI, no fluent active run); :func:`cmflow.mlflow_client.client_for` builds one.
@@ -24,7 +30,7 @@ import re
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +43,8 @@ CHAMPION = "champion"
 PREVIOUS_TAG = "cmflow.previous_champion"
 STATUS_TAG = "cmflow.validation_status"
 GATE_TAG = "cmflow.gate_report"
+GATE_SPEC_TAG = "cmflow.gate"
+FORCED_REASON_TAG = "cmflow.forced_reason"
 TICKET_TAG = "cmflow.ticket_for"
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
@@ -235,6 +243,38 @@ class Gate:
     tolerance: float = 0.0  # relative: candidate <= champion * (1 + tolerance)
     policy: Literal["auto", "manual"] = "auto"
 
+    def to_tag(self) -> str:
+        """The ``cmflow.gate`` tag value (the policy is the promoter's, not the version's)."""
+        return json.dumps(
+            {"metric": self.metric, "max_fid": self.max_fid, "tolerance": self.tolerance}, sort_keys=True
+        )
+
+    def describe(self) -> str:
+        """``fid_1step <= 20, <= champion x (1 + 0.05)``."""
+        parts = [f"{self.metric} <= {self.max_fid:g}" if self.max_fid is not None else self.metric]
+        parts.append(f"<= champion x (1 + {self.tolerance:g})")
+        return ", ".join(parts)
+
+
+def gate_of(mv: Any) -> Gate | None:
+    """The gate a model version was registered under (its ``cmflow.gate`` tag), or None."""
+    text = (mv.tags or {}).get(GATE_SPEC_TAG)
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+        max_fid = data.get("max_fid")
+        return Gate(
+            metric=str(data["metric"]),
+            max_fid=None if max_fid is None else float(max_fid),
+            tolerance=float(data.get("tolerance") or 0.0),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise RegistryError(
+            f"v{mv.version} of {mv.name!r} has a malformed {GATE_SPEC_TAG} tag {text[:60]!r}; fix the tag "
+            "or promote with --force --reason"
+        ) from None
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -244,10 +284,11 @@ class Decision:
     candidate_value: float | None = None
     champion_value: float | None = None
     threshold: float | None = None
+    forced: bool = False  # promoted although the gate said reject or hold
 
     @property
     def passed(self) -> bool:
-        return self.action in {"promote", "hold"}
+        return self.action in {"promote", "hold"} and not self.forced
 
 
 def decide_promotion(candidate: Candidate, champion: Candidate | None, gate: Gate) -> Decision:
@@ -259,7 +300,7 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, gate: Gat
     if value is None or not math.isfinite(value):
         return Decision(
             "reject",
-            f"version {candidate.version} has no finite {metric}; evaluate it or promote with --force",
+            f"version {candidate.version} has no finite {metric} (evaluate it first)",
             metric,
         )
     if gate.max_fid is not None and value > gate.max_fid:
@@ -274,7 +315,7 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, gate: Gat
     if best is None or not math.isfinite(best):
         return Decision(
             "reject",
-            f"champion v{champion.version} has no finite {metric} to compare with; use --force",
+            f"champion v{champion.version} has no finite {metric} to compare with",
             metric,
             value,
         )
@@ -286,7 +327,7 @@ def decide_promotion(candidate: Candidate, champion: Candidate | None, gate: Gat
         return Decision(
             "reject",
             f"{metric} of v{candidate.version} and champion v{champion.version} use different "
-            "reference statistics; re-evaluate on the same reference or use --force",
+            "reference statistics (re-evaluate on the same reference)",
             metric,
             value,
             best,
@@ -487,7 +528,9 @@ def promote(
     version: str | int,
     gate: Gate | None = None,
     *,
+    policy: Literal["auto", "manual"] = "auto",
     force: bool = False,
+    reason: str = "",
     alias: str = CHAMPION,
     stale_after_s: float = STALE_TICKET_S,
 ) -> Promotion:
@@ -503,12 +546,27 @@ def promote(
     alias and only then sets g+1 — so anyone who sees the new g also sees the new alias. If a winner dies
     between the ticket and the alias move, the next promoter rolls that move forward once the ticket is
     ``stale_after_s`` old. ``force`` skips the gate, not the concurrency control.
+
+    The gate is the one the version was registered under (``cmflow.gate``); ``gate`` is used only for a
+    version registered without one, and a ``gate`` that differs from the recorded one is refused.
+    ``force`` needs a ``reason``; a version promoted past its gate is tagged ``forced`` with the reason.
     """
     check_model_name(name)
     check_alias(alias)
     version = str(version)
-    gate = gate or Gate()
+    if force and not reason.strip():
+        raise UsageError(
+            f'--force needs a reason; add --reason "why v{version} may skip its gate" '
+            "(it is recorded on the version)"
+        )
     mv = registry_call(f"no version {version} of {name!r}", client.get_model_version, name, version)
+    recorded = gate_of(mv)
+    if recorded is not None and gate is not None and replace(gate, policy="auto") != recorded:
+        raise UsageError(
+            f"v{version} of {name!r} was registered under the gate {recorded.describe()}, which is the one "
+            "promote applies; drop --metric/--max-fid/--tolerance, or promote past it with --force --reason"
+        )
+    gate = replace(recorded or gate or Gate(), policy=policy)
     seen = _state(client, name, alias)
     champion = None
     if seen.champion is not None:
@@ -517,13 +575,14 @@ def promote(
     if force and decision.action in {"reject", "hold"}:
         decision = Decision(
             "promote",
-            f"forced (the gate said: {decision.reason})",
+            f"forced: {reason.strip()} (the gate said: {decision.reason})",
             decision.metric,
             decision.candidate_value,
             decision.champion_value,
             decision.threshold,
+            forced=True,
         )
-    _record_gate(client, name, version, decision)
+    _record_gate(client, name, version, decision, reason.strip())
     if decision.action != "promote":
         outcome = {"reject": "rejected", "hold": "held", "noop": "noop"}[decision.action]
         return Promotion(name, version, outcome, decision, seen.champion, seen.champion, decision.reason)
@@ -534,10 +593,14 @@ def promote(
     return Promotion(name, version, "promoted", decision, seen.champion, after, decision.reason)
 
 
-def _record_gate(client: Any, name: str, version: str, decision: Decision) -> None:
+def _record_gate(client: Any, name: str, version: str, decision: Decision, reason: str = "") -> None:
     if decision.action == "noop":
         return
-    client.set_model_version_tag(name, version, STATUS_TAG, "passed" if decision.passed else "failed")
+    if decision.forced:
+        client.set_model_version_tag(name, version, STATUS_TAG, "forced")
+        client.set_model_version_tag(name, version, FORCED_REASON_TAG, reason[:5000])
+    else:
+        client.set_model_version_tag(name, version, STATUS_TAG, "passed" if decision.passed else "failed")
     report = json.dumps({k: v for k, v in asdict(decision).items() if v is not None}, sort_keys=True)
     client.set_model_version_tag(name, version, GATE_TAG, report[:5000])
 
@@ -570,6 +633,12 @@ def require_promoted(result: Promotion) -> Promotion:
     """Raise :class:`GateRejected` unless ``result`` moved (or already had) the alias."""
     if result.outcome in {"promoted", "rolled_back", "noop"}:
         return result
+    if result.outcome == "rejected":
+        name, version = result.model_name, result.version
+        raise GateRejected(
+            f"v{version} of {name} fails its gate: {result.message}; to promote it anyway: "
+            f'`cmflow models promote {name} --version {version} --force --reason "..."`'
+        )
     raise GateRejected(
         f"v{result.version} of {result.model_name} was not promoted ({result.outcome}): {result.message}"
     )

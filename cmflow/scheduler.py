@@ -1,4 +1,4 @@
-"""The scheduler: a detached, named Ray actor that calls :func:`cmflow.schedule.tick` every ``interval_s``.
+"""The scheduler: a detached, named Ray actor that calls :func:`cmflow.schedule.tick.tick` every ``interval_s``.
 
 ``start`` creates (or finds: ``get_if_exists=True``) the actor ``cmflow-scheduler`` in namespace ``cmflow``
 with ``lifetime="detached"``, ``max_restarts=-1`` and ``num_cpus=0``. It keeps no state of its own: every
@@ -61,7 +61,7 @@ class SchedulerLoop:
         """One tick over every schedule under the root; errors are recorded, never raised."""
         from dataclasses import asdict
 
-        from cmflow.schedule import tick
+        from cmflow.schedule.tick import tick
         from cmflow.storage import Storage
         from cmflow.submit import RayJobSubmitter, resolve_token
 

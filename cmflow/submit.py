@@ -44,7 +44,8 @@ from cmflow.engine.ray_runtime import WORKER_ENV
 from cmflow.engine.records import utcnow
 from cmflow.errors import ClusterError, CmflowError, StageError, UsageError
 from cmflow.redact import redact_uri
-from cmflow.schedule import DuplicateSubmission, Schedule
+from cmflow.schedule.store import Schedule
+from cmflow.schedule.tick import DuplicateSubmission
 from cmflow.spec import PipelineSpec
 from cmflow.storage import Storage
 
@@ -533,7 +534,7 @@ def wait_for(
 
 
 # --------------------------------------------------------------------------------------------------
-# Submitters for schedules (cmflow.schedule.Submitter)
+# Submitters for schedules (cmflow.schedule.tick.Submitter)
 
 
 def _schedule_spec(schedule: Schedule) -> PipelineSpec:

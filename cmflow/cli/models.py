@@ -1,4 +1,4 @@
-"""``cmflow models list | describe NAME | promote NAME --version N [--force] | rollback NAME | import | export``."""
+"""``cmflow models list | describe NAME | promote NAME --version N [--force --reason R] | rollback NAME``."""
 
 from __future__ import annotations
 
@@ -107,22 +107,37 @@ def promote(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     version: Annotated[int, typer.Option("--version", "-v", help="The version to promote.", min=1)],
     force: Annotated[
-        bool, typer.Option("--force", help="Skip the gate (the alias still moves safely).")
+        bool,
+        typer.Option("--force", help="Promote past a failed gate (needs --reason; tagged 'forced')."),
     ] = False,
-    metric: Annotated[str, typer.Option("--metric", help="Version tag the gate compares.")] = "fid_1step",
-    max_fid: Annotated[float | None, typer.Option("--max-fid", help="Absolute gate.")] = None,
+    reason: Annotated[str, typer.Option("--reason", help="Why --force may skip the gate.")] = "",
+    metric: Annotated[
+        str | None, typer.Option("--metric", help="Gate metric, for a version registered without a gate.")
+    ] = None,
+    max_fid: Annotated[
+        float | None, typer.Option("--max-fid", help="Absolute gate, for a version without a gate.")
+    ] = None,
     tolerance: Annotated[
-        float, typer.Option("--tolerance", help="Relative gate vs the champion.", min=0)
-    ] = 0.0,
+        float | None,
+        typer.Option(
+            "--tolerance", help="Relative gate vs the champion, for a version without a gate.", min=0
+        ),
+    ] = None,
     alias: AliasOpt = "champion",
     tracking_uri_: TrackingOpt = None,
 ) -> None:
-    """Promote version N of NAME to the champion alias if it passes the gate (or with --force)."""
+    """Promote version N of NAME to the champion alias if it passes the gate it was registered under."""
+    from cmflow.errors import UsageError
     from cmflow.registry import Gate, require_promoted
     from cmflow.registry import promote as promote_version
 
-    gate = Gate(metric=metric, max_fid=max_fid, tolerance=tolerance)
-    result = promote_version(_client(tracking_uri_), name, version, gate, force=force, alias=alias)
+    if reason and not force:
+        raise UsageError("--reason goes with --force; drop it, or add --force to promote past the gate")
+    gate = None
+    if (metric, max_fid, tolerance) != (None, None, None):
+        gate = Gate(metric=metric or "fid_1step", max_fid=max_fid, tolerance=tolerance or 0.0)
+    client = _client(tracking_uri_)
+    result = promote_version(client, name, version, gate, force=force, reason=reason, alias=alias)
     require_promoted(result)
     typer.echo(
         f"{name}@{alias}: v{result.champion_before or '-'} -> v{result.champion_after} ({result.message})"

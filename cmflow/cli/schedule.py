@@ -50,7 +50,8 @@ def create(
     """Create a schedule that submits SPEC at cron times and/or when a dataset manifest changes."""
     from datetime import datetime, timezone
 
-    from cmflow.schedule import create_schedule, iso, new_schedule, next_fire_time
+    from cmflow.schedule.cron import iso, next_fire_time
+    from cmflow.schedule.store import create_schedule, new_schedule
     from cmflow.storage import Storage
     from cmflow.validate import load_spec
 
@@ -105,20 +106,25 @@ def list_(
     root: RootOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the schedules as JSON.")] = False,
 ) -> None:
-    """List schedules with their next fire time and last run."""
+    """List schedules with their next fire time and their last run's status."""
     from datetime import datetime, timezone
 
     from rich.console import Console
     from rich.table import Table
 
-    from cmflow.schedule import iso, list_schedules, load_state, next_fire_time
+    from cmflow.schedule.cron import iso
+    from cmflow.schedule.store import last_run_status, list_schedules, load_state, upcoming
 
     storage = _storage(root)
     now = datetime.now(timezone.utc)
     rows = []
     for schedule in list_schedules(storage):
         state = load_state(storage, schedule)
-        nxt = next_fire_time(schedule.cron, schedule.tz, now) if schedule.cron and schedule.enabled else None
+        overdue, nxt = upcoming(schedule, state, now)
+
+        def local(moment: datetime | None, tz=schedule.tz) -> str | None:  # noqa: ANN001
+            return f"{moment.astimezone(tz):%Y-%m-%d %H:%M %Z}" if moment else None
+
         rows.append(
             {
                 "id": schedule.id,
@@ -129,9 +135,12 @@ def list_(
                 "catchup": schedule.catchup,
                 "concurrency": schedule.concurrency,
                 "trigger": schedule.trigger.manifest_uri if schedule.trigger else None,
+                "cursor": state.cursor,
+                "overdue_fire": iso(overdue) if overdue else None,
                 "next_fire": iso(nxt) if nxt else None,
-                "next_fire_local": f"{nxt.astimezone(schedule.tz):%Y-%m-%d %H:%M %Z}" if nxt else None,
+                "next_fire_local": local(nxt),
                 "last_run": state.last_run_id,
+                "last_run_status": last_run_status(schedule, state),
             }
         )
     if as_json:
@@ -149,14 +158,18 @@ def list_(
             )
             if x
         )
+        nxt = row["next_fire_local"] or ""
+        if row["overdue_fire"]:
+            nxt = f"due now ({row['overdue_fire']}); then {nxt}"
+        last = f"{row['last_run']} ({row['last_run_status']})" if row["last_run"] else ""
         table.add_row(
             row["id"],
             row["pipeline"],
             when,
             "yes" if row["enabled"] else "[red]no[/]",
             f"catchup={row['catchup']} concurrency={row['concurrency']}",
-            row["next_fire_local"] or "",
-            row["last_run"] or "",
+            nxt,
+            last,
         )
     Console().print(table)
 
@@ -166,7 +179,7 @@ def enable(schedule_id: IdArg, root: RootOpt = None) -> None:
     """Enable a schedule; fire times missed while it was disabled are not caught up."""
     from datetime import datetime, timezone
 
-    from cmflow.schedule import set_enabled
+    from cmflow.schedule.store import set_enabled
 
     set_enabled(_storage(root), schedule_id, True, now=datetime.now(timezone.utc))
     typer.echo(f"schedule {schedule_id} enabled")
@@ -177,7 +190,7 @@ def disable(schedule_id: IdArg, root: RootOpt = None) -> None:
     """Disable a schedule: no tick fires it until it is enabled again."""
     from datetime import datetime, timezone
 
-    from cmflow.schedule import set_enabled
+    from cmflow.schedule.store import set_enabled
 
     set_enabled(_storage(root), schedule_id, False, now=datetime.now(timezone.utc))
     typer.echo(f"schedule {schedule_id} disabled")
@@ -186,7 +199,7 @@ def disable(schedule_id: IdArg, root: RootOpt = None) -> None:
 @app.command("delete")
 def delete(schedule_id: IdArg, root: RootOpt = None) -> None:
     """Delete a schedule and its tick history (runs it started are kept)."""
-    from cmflow.schedule import delete_schedule
+    from cmflow.schedule.store import delete_schedule
 
     delete_schedule(_storage(root), schedule_id)
     typer.echo(f"schedule {schedule_id} deleted")
@@ -197,8 +210,12 @@ def tick_(
     schedule_id: Annotated[str | None, typer.Argument(help="Schedule id (or --all).")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Tick every schedule under the root.")] = False,
     now: Annotated[
-        str | None, typer.Option("--now", help="Pretend it is this ISO time (default: now).")
+        str | None,
+        typer.Option("--now", help="Pretend it is this ISO time: a dry run unless --commit (default: now)."),
     ] = None,
+    commit: Annotated[
+        bool, typer.Option("--commit", help="With --now: really fire, claim the times and move the cursor.")
+    ] = False,
     root: RootOpt = None,
     address: Annotated[
         str | None,
@@ -214,15 +231,26 @@ def tick_(
         ),
     ] = False,
 ) -> None:
-    """Fire every due time exactly once (safe to run from several places at once); exit 1 if a fire failed."""
+    """Fire every due time exactly once (safe to run from several places at once); exit 1 if a fire failed.
+
+    With --now T and no --commit it only prints what a tick at T would fire: no marker, no cursor, no job.
+    """
     from cmflow.errors import StageError, UsageError
-    from cmflow.schedule import parse_time, tick
-    from cmflow.submit import InlineSubmitter, RayJobSubmitter, resolve_token
+    from cmflow.schedule.cron import parse_time
+    from cmflow.schedule.tick import dry_run, tick
 
     if all_ == (schedule_id is not None):
         raise UsageError("name one schedule or pass --all, e.g. `cmflow schedule tick --all --root ROOT`")
-    submitter = InlineSubmitter() if inline else RayJobSubmitter(address, resolve_token(token_file))
-    fires = tick(parse_time(now), _storage(root), submitter, ids=None if all_ else [schedule_id])
+    moment = parse_time(now)
+    ids = None if all_ else [schedule_id]
+    rehearsal = now is not None and not commit
+    if rehearsal:
+        fires = dry_run(moment, _storage(root), ids=ids)
+    else:
+        from cmflow.submit import InlineSubmitter, RayJobSubmitter, resolve_token
+
+        submitter = InlineSubmitter() if inline else RayJobSubmitter(address, resolve_token(token_file))
+        fires = tick(moment, _storage(root), submitter, ids=ids)
     for fire in fires:
         when = (
             f" for {fire.fire_time}"
@@ -230,9 +258,15 @@ def tick_(
             else (f" for digest {fire.digest[:12]}" if fire.digest else "")
         )
         reason = f": {fire.reason}" if fire.reason else ""
-        typer.echo(f"schedule {fire.schedule_id}: run {fire.run_id or '-'} {fire.outcome}{when}{reason}")
+        outcome = {"due": "would fire", "retry": "would be retried"}.get(fire.outcome, fire.outcome)
+        typer.echo(f"schedule {fire.schedule_id}: run {fire.run_id or '-'} {outcome}{when}{reason}")
     if not fires:
         typer.echo("nothing due")
+    if rehearsal:
+        typer.echo(
+            f"dry run at {now}: nothing submitted, no cursor moved; add --commit to fire as if it were then",
+            err=True,
+        )
     failed = [f for f in fires if f.outcome == "failed"]
     if failed:
         raise StageError(
@@ -244,20 +278,28 @@ def tick_(
 def export(
     schedule_id: IdArg,
     kuberay: Annotated[bool, typer.Option("--kuberay", help="Print a KubeRay RayCronJob manifest.")] = False,
-    image: Annotated[str, typer.Option("--image", help="Container image with cmflow installed.")] = (
-        "ghcr.io/your-org/cmflow:0.1.0-ray2.60.0-gpu"
-    ),
+    image: Annotated[
+        str | None,
+        typer.Option("--image", help="Image with cmflow (default: cmflow:0.1.0-ray<installed ray>-gpu)."),
+    ] = None,
     namespace: Annotated[str, typer.Option("--namespace", help="Kubernetes namespace.")] = "default",
     gpu_workers: Annotated[int, typer.Option("--gpu-workers", help="GPU worker pods per run.")] = 1,
     tracking_uri: Annotated[str, typer.Option("--tracking-uri", help="MLFLOW_TRACKING_URI in the pods.")] = (
         "http://mlflow.mlflow.svc:5000"
     ),
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template", help="RayCronJob template (default: cluster/kuberay/raycronjob.yaml.tmpl)."
+        ),
+    ] = None,
     root: RootOpt = None,
 ) -> None:
     """Print a schedule as JSON, or with --kuberay as a RayCronJob that ticks it on an ephemeral cluster."""
     import yaml
 
-    from cmflow.schedule import kuberay_cronjob, load_schedule
+    from cmflow.schedule.kuberay import kuberay_cronjob
+    from cmflow.schedule.store import load_schedule
 
     storage = _storage(root)
     schedule = load_schedule(storage, schedule_id)
@@ -271,5 +313,6 @@ def export(
         namespace=namespace,
         gpu_workers=gpu_workers,
         tracking_uri=tracking_uri,
+        template=template,
     )
     typer.echo(yaml.safe_dump(manifest, sort_keys=False).rstrip())

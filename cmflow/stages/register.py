@@ -1,6 +1,9 @@
 """Stage kinds ``register`` (a model artifact -> a registry version with alias ``challenger``) and
 ``promote`` (gate the registered version against ``champion`` and move the alias).
 
+The gate is declared once, on ``register`` (``params.gate``), and recorded on the version
+(``cmflow.gate``); the ``promote`` stage and ``cmflow models promote`` both apply the recorded gate.
+
 ``register`` logs the pyfunc model (:mod:`cmflow.serving`) in the stage's own MLflow child run and is
 idempotent per cache key (a retried or uncached rerun reuses its version). ``promote`` depends on
 registry state that is not part of its cache key, so declare it with ``cache: {enabled: false}``; a cache
@@ -16,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cmflow.errors import SpecError, StageError
 from cmflow.stage import Artifact, ParamsModel, StageContext, stage
@@ -36,6 +39,16 @@ def _no_password(value: str | None) -> str | None:
     return value
 
 
+class GateParams(ParamsModel):
+    """The promotion gate recorded on the registered version (lower metric values are better)."""
+
+    metric: str = Field("fid_1step", description="Version tag the gate compares (lower is better).")
+    max_fid: float | None = Field(None, gt=0, description="Absolute gate: metric <= max_fid.")
+    tolerance: float = Field(
+        0.0, ge=0, description="Relative gate: metric <= champion's metric x (1 + tolerance)."
+    )
+
+
 class RegisterParams(ParamsModel):
     model_name: str = Field(pattern=NAME_PATTERN, description="Registered model name.")
     alias: str = Field("challenger", pattern=ALIAS_PATTERN, description="Alias set on the new version.")
@@ -44,6 +57,9 @@ class RegisterParams(ParamsModel):
         None, description="Experiment for the registration run when the pipeline does not track."
     )
     description: str = Field("", description="Description of the new version.")
+    gate: GateParams = Field(
+        default_factory=GateParams, description="The gate every promotion of this version applies."
+    )
 
     @field_validator("tracking_uri")
     @classmethod
@@ -52,17 +68,23 @@ class RegisterParams(ParamsModel):
 
 
 class PromoteParams(ParamsModel):
-    metric: str = Field("fid_1step", description="Version tag the gate compares (lower is better).")
-    max_fid: float | None = Field(None, gt=0, description="Absolute gate: metric <= max_fid.")
-    tolerance: float = Field(
-        0.0, ge=0, description="Relative gate: metric <= champion's metric x (1 + tolerance)."
-    )
     policy: Literal["auto", "manual"] = Field(
         "auto", description="auto: move the alias when the gate passes; manual: record the decision only."
     )
     alias: str = Field("champion", pattern=ALIAS_PATTERN, description="The alias to move.")
     tracking_uri: str | None = Field(None, description="MLflow URI; default: the pipeline's tracking store.")
     fail_on_reject: bool = Field(False, description="Fail the stage when the candidate is not promoted.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gate_moved(cls, data: Any) -> Any:
+        moved = sorted({"metric", "max_fid", "tolerance"} & set(data)) if isinstance(data, dict) else []
+        if moved:
+            raise ValueError(
+                f"{', '.join(moved)} moved to the register stage: set them under its params.gate (the "
+                "gate is recorded on the version and every promotion applies it)"
+            )
+        return data
 
     @field_validator("tracking_uri")
     @classmethod
@@ -124,15 +146,16 @@ def register(params: RegisterParams, inputs: dict[str, Artifact], ctx: StageCont
     """Register the ``model`` artifact (model.safetensors + model.json) as a new version; alias challenger.
 
     The version is tagged with the run id, cache key, model/dataset digests, the evaluate ``report``'s FID
-    and NFE numbers and its reference-stats digest. Writes ``registered.json``.
+    and NFE numbers, its reference-stats digest and the gate (``cmflow.gate``) every promotion applies.
+    Writes ``registered.json``.
 
     Examples:
         register: {kind: register, inputs: {model: distill, report: evaluate, data: data},
-                   params: {model_name: cm-digits}}
+                   params: {model_name: cm-digits, gate: {max_fid: 20, tolerance: 0.05}}}
     """
     from cmflow.mlflow_client import client_for
     from cmflow.redact import redact_uri
-    from cmflow.registry import register_version
+    from cmflow.registry import GATE_SPEC_TAG, Gate, register_version
 
     model = inputs["model"]
     for name in ("model.safetensors", "model.json"):
@@ -157,6 +180,7 @@ def register(params: RegisterParams, inputs: dict[str, Artifact], ctx: StageCont
         **{key: repr(value) for key, value in metrics.items()},
     }
     tags = {key: redact_uri(value) for key, value in tags.items()}
+    tags[GATE_SPEC_TAG] = Gate(params.gate.metric, params.gate.max_fid, params.gate.tolerance).to_tag()
     try:
         version = register_version(
             client,
@@ -204,26 +228,23 @@ def _tag_stage_run(ctx: StageContext, tags: dict[str, str]) -> None:
 def promote(params: PromoteParams, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Any]:
     """Gate the registered version against the current champion and, with policy auto, promote it.
 
-    The gate: ``metric <= max_fid`` and ``metric <= champion's metric x (1 + tolerance)``. Writes
-    ``promotion.json`` (the decision, the champion before and after). Registry state is not in the cache
-    key: declare this stage with ``cache: {enabled: false}``.
+    The gate is the one the version was registered under (the register stage's ``params.gate``):
+    ``metric <= max_fid`` and ``metric <= champion's metric x (1 + tolerance)``. Writes ``promotion.json``
+    (the decision, the champion before and after). Registry state is not in the cache key: declare this
+    stage with ``cache: {enabled: false}``.
 
     Examples:
         promote: {kind: promote, inputs: {registered: register}, cache: {enabled: false},
-                  params: {max_fid: 50, tolerance: 0.05}}
+                  params: {policy: auto}}
     """
     from cmflow.errors import GateRejected
     from cmflow.mlflow_client import client_for
-    from cmflow.registry import Gate
     from cmflow.registry import promote as promote_version
 
     registered = inputs["registered"].read_json("registered.json")
     client = client_for(_tracking_uri(params.tracking_uri, ctx))
-    gate = Gate(
-        metric=params.metric, max_fid=params.max_fid, tolerance=params.tolerance, policy=params.policy
-    )
     result = promote_version(
-        client, registered["model_name"], registered["version"], gate, alias=params.alias
+        client, registered["model_name"], registered["version"], policy=params.policy, alias=params.alias
     )
     summary = result.to_dict()
     _tag_stage_run(

@@ -9,7 +9,8 @@ from typing import Any
 import yaml
 
 from cmflow.errors import ClusterError
-from cmflow.schedule import DuplicateSubmission, Schedule
+from cmflow.schedule.store import Schedule
+from cmflow.schedule.tick import DuplicateSubmission
 
 
 def demo_spec(

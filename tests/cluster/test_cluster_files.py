@@ -44,6 +44,7 @@ def test_every_file_in_cluster_is_checked_here() -> None:
         "kuberay/rayjob.yaml",
         "kuberay/cronjob-tick.yaml",
         "kuberay/secrets.example.yaml",
+        "kuberay/raycronjob.yaml.tmpl",
     }
     present = {p.relative_to(CLUSTER).as_posix() for p in CLUSTER.rglob("*") if p.is_file()}
     assert present == checked, "add a check for each new file in cluster/"
@@ -136,6 +137,16 @@ def test_cronjob_ticks_every_schedule_with_concurrency_forbid() -> None:
     env = {e["name"] for e in container["env"]}
     assert "RAY_AUTH_TOKEN" in env
     assert spec["jobTemplate"]["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_raycronjob_template_takes_the_ray_version_at_render_time() -> None:
+    text = (CLUSTER / "kuberay/raycronjob.yaml.tmpl").read_text()
+    [template] = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    assert template["kind"] == "RayCronJob"
+    assert template["spec"]["jobTemplate"]["rayClusterSpec"]["rayVersion"] == "${ray_version}"
+    version = r"(?<![\d.])\d+\.\d+\.\d+(?![\d.])"  # 2.60.0, not the address 0.0.0.0
+    assert not re.search(version, text), "the Ray version is filled in from the installed ray"
+    assert set(images(template)) == {"${image}"}
 
 
 def test_secrets_example_defines_what_the_manifests_reference() -> None:

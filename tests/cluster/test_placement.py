@@ -17,7 +17,8 @@ from cluster_helpers import FakeSubmitter, demo_spec
 from cmflow.engine import run_pipeline
 from cmflow.engine.ray_runtime import check_feasible
 from cmflow.errors import ClusterError
-from cmflow.schedule import create_schedule, new_schedule, tick
+from cmflow.schedule.store import create_schedule, new_schedule
+from cmflow.schedule.tick import tick
 from cmflow.spec import Resources
 from cmflow.storage import Storage
 from cmflow.submit import InlineSubmitter

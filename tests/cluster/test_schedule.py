@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -13,17 +14,17 @@ from cluster_helpers import FakeSubmitter, demo_spec, write_spec
 
 from cmflow.cli.main import main
 from cmflow.errors import SpecError
-from cmflow.schedule import (
+from cmflow.schedule.cron import iso, next_fire_time, parse_time
+from cmflow.schedule.store import (
     Schedule,
     create_schedule,
     history,
     load_schedule,
     load_state,
     new_schedule,
-    parse_time,
     set_enabled,
-    tick,
 )
+from cmflow.schedule.tick import tick
 from cmflow.storage import Manifest, Storage
 from cmflow.validate import validate_spec
 
@@ -433,10 +434,23 @@ def test_bad_schedules_are_refused_with_one_line(storage: Storage, kwargs: dict,
     spec = validate_spec(demo_spec(storage.root)).model_dump(mode="json")
     with pytest.raises(SpecError) as info:
         new_schedule(spec, now=t("2026-03-02T00:00:00Z"), **kwargs)
-    assert needle in str(info.value) and "\n" not in str(info.value)
+    message = str(info.value)
+    assert needle in message and "\n" not in message and "; " in message  # the problem; the fix
+    assert not message.startswith("schedule:")
 
 
-def test_cli_create_list_disable_enable_delete_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_schedule_error_is_one_clean_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = write_spec(tmp_path / "tiny.yaml", demo_spec(str(tmp_path / "root")))
+    assert main(["schedule", "create", str(spec), "--cron", "61 * * *"]) == 2
+    assert capsys.readouterr().err == (
+        "error: cron '61 * * *' must have 5 fields (minute hour day month weekday); "
+        "e.g. '0 3 * * 1' is Mondays at 03:00\n"
+    )
+
+
+def test_cli_create_list_disable_enable_delete_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = str(tmp_path / "root")
     spec = write_spec(tmp_path / "tiny.yaml", demo_spec(root))
     assert (
@@ -470,6 +484,38 @@ def test_cli_create_list_disable_enable_delete_export(tmp_path: Path, capsys: py
     assert "nothing due" in capsys.readouterr().out
     assert main(["schedule", "enable", "weekly", "--root", root]) == 0
     capsys.readouterr()
+
+    # --now without --commit is a dry run: it says what would fire and claims, moves and submits nothing
+    storage = Storage(root)
+    weekly = load_schedule(storage, "weekly")
+    first = next_fire_time(weekly.cron, weekly.tz, datetime.now(timezone.utc))
+    moment = iso(first + timedelta(minutes=1))
+    before = load_state(storage, weekly)
+    assert main(["schedule", "tick", "weekly", "--root", root, "--now", moment]) == 0
+    out, err = capsys.readouterr()
+    run_id = f"cmflow-weekly-{int(first.timestamp())}"
+    assert out == f"schedule weekly: run {run_id} would fire for {iso(first)}\n"
+    assert "dry run" in err and "nothing submitted, no cursor moved; add --commit" in err
+    assert history(storage, weekly) == [] and load_state(storage, weekly).cursor == before.cursor
+    assert main(["schedule", "list", "--root", root, "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["next_fire"], row["last_run"], row["last_run_status"]) == (iso(first), None, None)
+    # the real tick at that time still fires (the dry run lost nothing); list then shows the next real
+    # fire (after the cursor) and the last run's status from its run record
+    fake = FakeSubmitter()
+    assert [f.outcome for f in tick(t(moment), storage, fake)] == ["submitted"]
+    assert main(["schedule", "list", "--root", root, "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    after = next_fire_time(weekly.cron, weekly.tz, t(moment))
+    assert row["next_fire"] == iso(after) and row["overdue_fire"] is None
+    assert (row["last_run"], row["last_run_status"]) == (run_id, "submitted")  # no run record yet
+    storage.write_json(f"runs/{run_id}/run.json", {"run_id": run_id, "status": "succeeded"})
+    assert main(["schedule", "list", "--root", root, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["last_run_status"] == "succeeded"
+    monkeypatch.setenv("COLUMNS", "200")  # the table, unwrapped
+    assert main(["schedule", "list", "--root", root]) == 0
+    assert f"{run_id} (succeeded)" in capsys.readouterr().out
+
     assert main(["schedule", "export", "weekly", "--kuberay", "--root", root]) == 0
     manifest = yaml.safe_load(capsys.readouterr().out)
     assert manifest["kind"] == "RayCronJob" and manifest["apiVersion"] == "ray.io/v1"
@@ -477,7 +523,7 @@ def test_cli_create_list_disable_enable_delete_export(tmp_path: Path, capsys: py
     assert manifest["spec"]["concurrencyPolicy"] == "Replace"
     job = manifest["spec"]["jobTemplate"]
     assert "schedule tick weekly" in job["entrypoint"] and "--inline" in job["entrypoint"]
-    assert job["rayClusterSpec"]["rayVersion"] == "2.60.0"
+    assert job["rayClusterSpec"]["rayVersion"] == metadata.version("ray")  # the installed ray, not a literal
     worker = job["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert worker["envFrom"] == [{"secretRef": {"name": "cmflow-s3"}}]  # cluster/kuberay/secrets.example.yaml
@@ -502,7 +548,7 @@ def test_cli_tick_reports_an_unreachable_cluster_and_retries(
     )
     capsys.readouterr()
     now = (datetime.now().astimezone() + timedelta(minutes=6)).isoformat()
-    assert main(["schedule", "tick", "--all", "--root", root, "--now", now]) == 1
+    assert main(["schedule", "tick", "--all", "--root", root, "--now", now, "--commit"]) == 1
     out, err = capsys.readouterr()
     assert "failed" in out and "cannot reach the Ray job server" in out and "retried on the next tick" in err
     state = load_state(Storage(root), load_schedule(Storage(root), "down"))

@@ -24,15 +24,9 @@ from cluster_helpers import demo_spec, free_port, write_spec
 
 from cmflow.cli.main import main
 from cmflow.errors import ClusterError
-from cmflow.schedule import (
-    DuplicateSubmission,
-    create_schedule,
-    list_schedules,
-    load_schedule,
-    new_schedule,
-    parse_time,
-    tick,
-)
+from cmflow.schedule.cron import parse_time
+from cmflow.schedule.store import create_schedule, list_schedules, load_schedule, new_schedule
+from cmflow.schedule.tick import DuplicateSubmission, tick
 from cmflow.storage import Manifest, Storage
 from cmflow.submit import (
     ClusterTarget,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 from registry_helpers import unique
 
 from cmflow import registry
+from cmflow.cli.main import main
 from cmflow.engine import run_pipeline
 from cmflow.mlflow_client import client_for
 from cmflow.registry import load_pyfunc
@@ -18,9 +20,9 @@ from cmflow.validate import validate_spec
 TINY = Path(__file__).resolve().parents[2] / "pipelines" / "tiny.yaml"
 
 
-def tiny_with_registry(root: str, tracking_uri: str, model_name: str) -> PipelineSpec:
+def tiny_with_registry(root: str, tracking_uri: str, model_name: str, max_fid: float = 1.0e6) -> PipelineSpec:
     raw: dict[str, Any] = apply_overrides(read_yaml(TINY), [f"storage.root={root}"])
-    raw["name"] = unique("tiny-reg")
+    raw["name"] = f"tiny-reg-{model_name}"
     raw["tracking"] = {"enabled": True, "uri": tracking_uri}
     raw["stages"].update(
         {
@@ -40,12 +42,11 @@ def tiny_with_registry(root: str, tracking_uri: str, model_name: str) -> Pipelin
             "register": {
                 "kind": "register",
                 "inputs": {"model": "distill", "report": "evaluate", "data": "data"},
-                "params": {"model_name": model_name},
+                "params": {"model_name": model_name, "gate": {"max_fid": max_fid, "tolerance": 0.05}},
             },
             "promote": {
                 "kind": "promote",
                 "inputs": {"registered": "register"},
-                "params": {"max_fid": 1.0e6, "tolerance": 0.05},
                 "cache": {"enabled": False},
             },
         }
@@ -56,7 +57,7 @@ def tiny_with_registry(root: str, tracking_uri: str, model_name: str) -> Pipelin
 @pytest.mark.slow
 @pytest.mark.skipif(not TINY.is_file(), reason="pipelines/tiny.yaml is not there yet")
 def test_tiny_pipeline_registers_promotes_and_tracks(
-    ray_session: None, tmp_path: Path, mlflow_server: str
+    ray_session: None, tmp_path: Path, mlflow_server: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     name = unique("cm-tiny")
     spec = tiny_with_registry(str(tmp_path / "root"), mlflow_server, name)
@@ -101,3 +102,20 @@ def test_tiny_pipeline_registers_promotes_and_tracks(
     assert promote_run.data.tags["cmflow.promotion.outcome"] == "noop"  # this run's decision
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     assert len(registry.versions(client, name)) == 1
+
+    # a stricter gate: the same model registers as v2 under max_fid 0.001 and the gate rejects it
+    strict = run_pipeline(tiny_with_registry(str(tmp_path / "root"), mlflow_server, name, max_fid=1e-3))
+    assert strict.status == "succeeded", strict.error
+    assert {n for n, s in strict.stages.items() if s.status != "hit"} == {"register", "promote"}
+    promoted = strict.stages["promote"].meta
+    assert (promoted["version"], promoted["outcome"]) == ("2", "rejected")
+    assert f"fid_1step {report['fid_1step']:.4g} > max_fid 0.001" in promoted["reason"]
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    v2 = client.get_model_version(name, "2")
+    assert v2.tags["cmflow.validation_status"] == "failed"
+    assert json.loads(v2.tags["cmflow.gate"])["max_fid"] == 1e-3
+    capsys.readouterr()  # drop what came before (MLflow's download progress bars)
+    assert main(["models", "promote", name, "--version", "2", "--tracking-uri", mlflow_server]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "> max_fid 0.001" in err and '--force --reason "..."' in err
+    assert client.get_model_version_by_alias(name, "champion").version == "1"

@@ -23,10 +23,11 @@ def promote(storage: Storage, server: str, registered: Manifest, **params: Any) 
 
 
 def registered_artifact(
-    storage: Storage, server: str, name: str, model: Manifest, report: Manifest
+    storage: Storage, server: str, name: str, model: Manifest, report: Manifest, **gate: Any
 ) -> Manifest:
     inputs = {"model": model, "report": report}
-    return run_task(storage, "register", {"model_name": name, "tracking_uri": server}, inputs)
+    params = {"model_name": name, "tracking_uri": server, "gate": gate}
+    return run_task(storage, "register", params, inputs)
 
 
 def test_register_tags_and_gated_promotion(
@@ -38,7 +39,8 @@ def test_register_tags_and_gated_promotion(
     name = unique("cm")
     client = client_for(mlflow_server)
     model = model_artifact(seed=1)
-    first = registered_artifact(storage, mlflow_server, name, model, report_artifact(20.0))
+    gate = {"max_fid": 50.0, "tolerance": 0.1}
+    first = registered_artifact(storage, mlflow_server, name, model, report_artifact(20.0), **gate)
     info = json.loads(storage.read_artifact_file(first, "registered.json"))
     assert info["version"] == "1" and info["model_uri"] == f"models:/{name}/1"
     mv = client.get_model_version_by_alias(name, "challenger")
@@ -48,25 +50,30 @@ def test_register_tags_and_gated_promotion(
     assert tags["cmflow.ref_stats_digest"] == "ref-digest-a"
     assert tags["cmflow.model_digest"] == model.digest
     assert tags["cmflow.validation_status"] == "pending"
+    assert json.loads(tags["cmflow.gate"]) == {"metric": "fid_1step", "max_fid": 50.0, "tolerance": 0.1}
     assert tags["cmflow.cache_key"] and tags["cmflow.run_id"].startswith("test-run")
     assert client.get_run(tags["cmflow.stage_run_id"]).info.status == "FINISHED"
 
     # the first promotion: no champion yet
-    result = promote(storage, mlflow_server, first, max_fid=50.0)
+    result = promote(storage, mlflow_server, first)
     assert result["outcome"] == "promoted" and result["champion_after"] == "1"
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 
     # a worse challenger is refused and the champion stays
-    worse = registered_artifact(storage, mlflow_server, name, model_artifact(seed=2), report_artifact(25.0))
-    result = promote(storage, mlflow_server, worse, tolerance=0.1)
+    worse = registered_artifact(
+        storage, mlflow_server, name, model_artifact(seed=2), report_artifact(25.0), **gate
+    )
+    result = promote(storage, mlflow_server, worse)
     assert result["outcome"] == "rejected" and "> champion v1" in result["message"]
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     assert client.get_model_version(name, "2").tags["cmflow.validation_status"] == "failed"
     assert client.get_model_version_by_alias(name, "challenger").version == "2"
 
     # a better one is promoted and records the previous champion
-    better = registered_artifact(storage, mlflow_server, name, model_artifact(seed=3), report_artifact(15.0))
-    result = promote(storage, mlflow_server, better, tolerance=0.1)
+    better = registered_artifact(
+        storage, mlflow_server, name, model_artifact(seed=3), report_artifact(15.0), **gate
+    )
+    result = promote(storage, mlflow_server, better)
     assert result["outcome"] == "promoted" and (result["champion_before"], result["champion_after"]) == (
         "1",
         "3",
@@ -225,15 +232,34 @@ def test_models_cli(
     report_artifact: Callable[..., Manifest],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """The CLI applies the gate the version was registered under; --force needs a reason, tags 'forced'."""
     name = unique("cm")
+    client = client_for(mlflow_server)
     for seed, fid in ((0, 20.0), (1, 40.0)):
-        registered_artifact(storage, mlflow_server, name, model_artifact(seed=seed), report_artifact(fid))
+        registered_artifact(
+            storage, mlflow_server, name, model_artifact(seed=seed), report_artifact(fid), max_fid=30.0
+        )
     uri = ["--tracking-uri", mlflow_server]
     assert main(["models", "promote", name, "--version", "1", *uri]) == 0
-    assert main(["models", "promote", name, "--version", "2", *uri]) == 1  # GateRejected
-    assert "not promoted (rejected)" in capsys.readouterr().err
-    assert main(["models", "promote", name, "--version", "2", "--force", *uri]) == 0
-    assert "v1 -> v2" in capsys.readouterr().out
+    capsys.readouterr()
+    # v2 (FID 40) fails its registered gate max_fid 30: no CLI flag is needed for the CLI to apply it
+    assert main(["models", "promote", name, "--version", "2", *uri]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: ") and "fid_1step 40 > max_fid 30" in err
+    assert f'; to promote it anyway: `cmflow models promote {name} --version 2 --force --reason "..."`' in err
+    assert client.get_model_version(name, "2").tags["cmflow.validation_status"] == "failed"
+    # a looser gate on the command line does not replace the recorded one
+    assert main(["models", "promote", name, "--version", "2", "--max-fid", "100", *uri]) == 2
+    assert "registered under the gate fid_1step <= 30" in capsys.readouterr().err
+    assert main(["models", "promote", name, "--version", "2", "--force", *uri]) == 2
+    assert "--force needs a reason" in capsys.readouterr().err
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    assert main(["models", "promote", name, "--version", "2", "--force", "--reason", "hotfix", *uri]) == 0
+    assert "v1 -> v2 (forced: hotfix" in capsys.readouterr().out
+    tags = client.get_model_version(name, "2").tags
+    assert tags["cmflow.validation_status"] == "forced" and tags["cmflow.forced_reason"] == "hotfix"
+    assert json.loads(tags["cmflow.gate_report"])["forced"] is True
     assert main(["models", "describe", name, "--json", *uri]) == 0
     described = json.loads(capsys.readouterr().out)
     assert described["aliases"]["champion"] == "2"

@@ -34,7 +34,7 @@ def champion(
     registered = run_task(
         storage, "register", {"model_name": name, "tracking_uri": mlflow_server}, {"model": model}
     )
-    result = registry.promote(client_for(mlflow_server), name, "1", force=True)
+    result = registry.promote(client_for(mlflow_server), name, "1", force=True, reason="test")
     assert result.outcome == "promoted"
     assert json.loads(storage.read_artifact_file(registered, "registered.json"))["version"] == "1"
     return name, model
