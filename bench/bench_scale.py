@@ -254,6 +254,7 @@ def main() -> None:
                     print(f"| {stage} | {row['workers']} x {row['threads']} | {row['imgs_per_s']:.0f} | "
                           f"{row['seconds']:.1f} | {row['imgs_per_s'] / rows[0]['imgs_per_s']:.2f}x |")  # fmt: skip
 
+
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
     main()

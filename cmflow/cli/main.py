@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO chatter (db migrations) on stderr
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # nor download progress bars
-    for name in ("alembic", "mlflow"):  # "mlflow" too when imported earlier in this process (tests, notebooks)
+    # "mlflow" too: when it was imported earlier in this process (tests, notebooks) its level is already set
+    for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
     debug = "--debug" in args or os.environ.get("CMFLOW_DEBUG") == "1"
     try:
