@@ -383,14 +383,31 @@ def pyfunc_model() -> Any:
 
         # No type hints here: MLflow would derive an input schema from them (and then drop unknown fields).
         def predict(self, context, model_input, params=None):
-            from mlflow.exceptions import MlflowException
-
             try:
                 return generate_images(self.model, self.config, parse_request(model_input), self.device)
             except InputError as exc:
-                raise MlflowException.invalid_parameter_value(str(exc)) from None
+                raise _refusal(str(exc)) from None
 
     return ConsistencyModelPyfunc()
+
+
+def _refusal(message: str) -> Exception:
+    """An ``INVALID_PARAMETER_VALUE`` MlflowException (HTTP 400 from ``mlflow models serve``) that keeps its
+    one line: the scoring server rewrites a predict error's message to ``Failed to predict data '<the whole
+    request>'. Error: …``, which buries cmflow's line under the request it refuses."""
+    from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+    class RequestRefused(MlflowException):
+        @property
+        def message(self) -> str:
+            return self._line
+
+        @message.setter
+        def message(self, value: str) -> None:
+            if not hasattr(self, "_line"):  # set once, by MlflowException.__init__
+                self._line = value
+
+    return RequestRefused(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 @dataclass(frozen=True)

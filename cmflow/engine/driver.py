@@ -227,10 +227,10 @@ class _Run:
         :data:`PROGRESS_SAVE_S` also write that progress next to the run record (``cmflow status``)."""
         due = self.running and time.monotonic() - self._progress_saved >= PROGRESS_SAVE_S
         progress = self.runtime.progress() if self.running and (self.listener or due) else {}
-        if due and progress:
+        stages = self.record.stages
+        live = {n: p for n, p in progress.items() if n in stages and stages[n].status == "running"}
+        if due and live:  # (once the run ends nothing is running: the last saved step stays)
             self._progress_saved = time.monotonic()
-            stages = self.record.stages
-            live = {n: p for n, p in progress.items() if n in stages and stages[n].status == "running"}
             try:
                 self.storage.write_json(progress_key(self.record.run_id), live)
             except CmflowError as exc:  # the display must never break a run

@@ -87,9 +87,11 @@ class RayRuntime:
         self.hub = _progress_hub_class().options(num_cpus=0).remote()
 
     def stop(self) -> None:
+        if not self.started_here:
+            return  # nothing to stop, and a run that never needed Ray should not pay for importing it
         import ray
 
-        if self.started_here and ray.is_initialized():
+        if ray.is_initialized():
             ray.shutdown()
         self.started_here = False
 
