@@ -73,10 +73,8 @@ def test_run_status_explain_and_runs_list(spec_file: Path, capsys: pytest.Captur
     )
     assert done.returncode == 0, done.stderr
     assert "ray imported: False" in done.stdout
-    assert [line.split()[1] for line in done.stdout.splitlines() if line.split()[:1] in (["a"], ["b"])] == [
-        "hit",
-        "hit",
-    ], done.stdout
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in done.stdout.splitlines() if "│" in line]
+    assert {row[0]: row[2] for row in cells if row and row[0]} == {"a": "hit", "b": "hit"}, done.stdout
     assert main(["runs", "list", "--root", root]) == 0
     assert "clidemo" in capsys.readouterr().out
     assert main(["runs", "list", "--root", root, "--json"]) == 0
