@@ -62,19 +62,6 @@ def test_run_status_explain_and_runs_list(spec_file: Path, capsys: pytest.Captur
     assert "succeeded" in out
     assert main(["run", str(spec_file), "--set", "stages.a.params.n=5"]) == 0
     capsys.readouterr()
-    # a fully cached rerun, as a real process: every stage a hit, and Ray not even imported
-    code = (
-        "import sys; from cmflow.cli.main import main; rc = main(['run', sys.argv[1], '--set', "
-        "'stages.a.params.n=5']); print('ray imported:', 'ray' in sys.modules); sys.exit(rc)"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"}
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(spec_file)], capture_output=True, text=True, env=env
-    )
-    assert done.returncode == 0, done.stderr
-    assert "ray imported: False" in done.stdout
-    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in done.stdout.splitlines() if "│" in line]
-    assert {row[0]: row[2] for row in cells if row and row[0]} == {"a": "hit", "b": "hit"}, done.stdout
     assert main(["runs", "list", "--root", root]) == 0
     assert "clidemo" in capsys.readouterr().out
     assert main(["runs", "list", "--root", root, "--json"]) == 0
@@ -91,6 +78,19 @@ def test_run_status_explain_and_runs_list(spec_file: Path, capsys: pytest.Captur
     assert main(["cache", "explain", run_ids[-1], "a", "--root", root, "--all"]) == 0
     everything = capsys.readouterr().out
     assert "code.modules.cmflow.stages.demo" in everything and "code.versions.numpy" in everything
+    # a fully cached rerun, as a real process: every stage a hit, and Ray not even imported
+    code = (
+        "import sys; from cmflow.cli.main import main; rc = main(['run', sys.argv[1], '--set', "
+        "'stages.a.params.n=5']); print('ray imported:', 'ray' in sys.modules); sys.exit(rc)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(spec_file)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ray imported: False" in done.stdout
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in done.stdout.splitlines() if "│" in line]
+    assert {row[0]: row[2] for row in cells if row and row[0]} == {"a": "hit", "b": "hit"}, done.stdout
 
 
 @pytest.mark.usefixtures("ray_session")
