@@ -18,7 +18,8 @@ One request is one row (a dict, a one-row DataFrame, or a list holding one dict)
 ``sampling.two_step_sigmas`` when present; K = the descending K-point Karras grid) or a list of sigmas.
 Editing (CM Algorithm 4) defaults to 18 steps. ``class_labels`` (one int, or one per sample) is needed
 for class-conditional models; otherwise labels are drawn from the per-sample seeds. The output is a
-uint8 array (N, C, H, W); the REST server returns it as nested lists under ``predictions``.
+uint8 array (N, C, H, W); the REST server returns it as nested lists under ``predictions``
+(``mlflow models serve``, every task's request and response: docs/serving.md).
 
 Seeds are per sample (sample i uses ``seed + i``, :class:`~cmflow.diffusion.rng.StackedRandomGenerator`),
 so the same request returns the same images for any ``num_samples`` prefix.
@@ -142,7 +143,11 @@ def parse_request(model_input: Any) -> Request:
     known = {"task", "num_samples", "steps", "seed", "class_labels", "image", "mask"}
     unknown = sorted(set(row) - known)
     if unknown:
-        raise InputError(f"unknown request field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        import difflib
+
+        hints = [m for u in unknown for m in difflib.get_close_matches(u, sorted(known), n=1)]
+        fix = f"did you mean {', '.join(hints)}?" if hints else f"known: {', '.join(sorted(known))}"
+        raise InputError(f"unknown request field(s) {', '.join(unknown)}; {fix}")
     task = str(row.get("task", "generate"))
     if task not in TASKS:
         raise InputError(f"task {task!r} is not supported; use one of: {', '.join(TASKS)}")
@@ -215,6 +220,11 @@ def _check_image(request: Request, channels: int, resolution: int) -> tuple[Any,
         factor = resolution // h if h else 0
         if h != w or factor < 1 or factor * h != resolution:
             raise InputError(f"superres needs a square image whose size divides {resolution}, got {h}x{w}")
+        if factor == 1:
+            raise InputError(
+                f"superres of a {h}x{w} image on a {resolution}x{resolution} model would change nothing; "
+                f"send a smaller image (e.g. {resolution // 2}x{resolution // 2})"
+            )
     else:
         factor = 1
         if (h, w) != (resolution, resolution):
@@ -326,25 +336,19 @@ def generate_images(model: Any, config: dict[str, Any], request: Request, device
 
 
 def signature(config: dict[str, Any]) -> Any:
-    """The logged signature: optional request columns in, uint8 (N, C, H, W) out."""
+    """The logged signature: uint8 (N, C, H, W) out, and no input schema.
+
+    The request is checked by :func:`parse_request`, not by MLflow: with an input schema MLflow drops every
+    column it does not know (a misspelled ``num_sampels`` silently became the default, or an empty
+    DataFrame), so a typo must reach cmflow, which answers one line (a 400 from ``mlflow models serve``).
+    """
     import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema, TensorSpec
+    from mlflow.types.schema import Schema, TensorSpec
 
     channels, resolution = int(config["image"]["channels"]), int(config["image"]["resolution"])
-    inputs = Schema(
-        [
-            ColSpec("string", "task", required=False),
-            ColSpec("long", "num_samples", required=False),
-            ColSpec(AnyType(), "steps", required=False),
-            ColSpec("long", "seed", required=False),
-            ColSpec(AnyType(), "class_labels", required=False),
-            ColSpec(AnyType(), "image", required=False),
-            ColSpec(AnyType(), "mask", required=False),
-        ]
-    )
     outputs = Schema([TensorSpec(np.dtype("uint8"), (-1, channels, resolution, resolution))])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    return ModelSignature(inputs=None, outputs=outputs)
 
 
 def pip_requirements() -> list[str]:
@@ -364,6 +368,10 @@ def pyfunc_model() -> Any:
     class ConsistencyModelPyfunc(mlflow.pyfunc.PythonModel):
         """cmflow consistency model: generate, inpaint, colorize or super-resolve; uint8 (N, C, H, W) out."""
 
+        # predict has no type hints on purpose (MLflow would build an input schema from them and drop the
+        # fields it does not know); this tells MLflow not to look for them, nor to warn on every load
+        _skip_type_hint_validation = True
+
         def load_context(self, context: Any) -> None:
             from cmflow.models.io import load_model
 
@@ -373,16 +381,33 @@ def pyfunc_model() -> Any:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model = load_model(context.artifacts["weights"], self.config).to(self.device)
 
-        # No type hints here: MLflow would derive a schema from them instead of the logged signature.
+        # No type hints here: MLflow would derive an input schema from them (and then drop unknown fields).
         def predict(self, context, model_input, params=None):
-            from mlflow.exceptions import MlflowException
-
             try:
                 return generate_images(self.model, self.config, parse_request(model_input), self.device)
             except InputError as exc:
-                raise MlflowException.invalid_parameter_value(str(exc)) from None
+                raise _refusal(str(exc)) from None
 
     return ConsistencyModelPyfunc()
+
+
+def _refusal(message: str) -> Exception:
+    """An ``INVALID_PARAMETER_VALUE`` MlflowException (HTTP 400 from ``mlflow models serve``) that keeps its
+    one line: the scoring server rewrites a predict error's message to ``Failed to predict data '<the whole
+    request>'. Error: …``, which buries cmflow's line under the request it refuses."""
+    from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+    class RequestRefused(MlflowException):
+        @property
+        def message(self) -> str:
+            return self._line
+
+        @message.setter
+        def message(self, value: str) -> None:
+            if not hasattr(self, "_line"):  # set once, by MlflowException.__init__
+                self._line = value
+
+    return RequestRefused(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,17 @@ def _client(value: str | None) -> Any:
     return client_for(value)
 
 
+def rounded(value: str) -> str:
+    """A tag as shown: floats to 4 significant digits (``7.123``; tags hold ``repr(float)``), else as is."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if number.is_integer() and abs(number) < 1e15:
+        return str(int(number))
+    return f"{number:.4g}"
+
+
 def _when(ms: int | None) -> str:
     from datetime import datetime, timezone
 
@@ -89,7 +100,9 @@ def describe(
         table.add_column(column)
     for mv in found:
         tags = mv.tags or {}
-        metrics = ", ".join(f"{k}={v}" for k, v in sorted(tags.items()) if not k.startswith("cmflow."))
+        metrics = "\n".join(
+            f"{k}={rounded(v)}" for k, v in sorted(tags.items()) if not k.startswith("cmflow.")
+        )
         table.add_row(
             f"v{mv.version}",
             ", ".join(sorted(by_version.get(str(mv.version), []))),

@@ -135,7 +135,9 @@ def status(
     if as_json:
         typer.echo(json.dumps(record.to_dict(), indent=1))
         return
-    Console().print(stage_table(record, final=True))
+    from cmflow.engine.driver import load_progress
+
+    Console().print(stage_table(record, load_progress(storage, record), final=True))
 
 
 def schema(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -77,6 +78,7 @@ def submit(
     from cmflow.validate import load_spec
 
     spec = load_spec(spec_path, set_ or [])
+    quiet_ray_client()
     target = target_for(address, token_file)
     sub = submit_spec(
         spec,
@@ -112,7 +114,11 @@ def _wait_and_report(root: str, sub: Submission, target: ClusterTarget, timeout_
     from cmflow.storage import Storage
     from cmflow.submit import job_info, wait_for
 
+    # the run's progress as it happens (the driver's log, as `ray job submit` streams it) while the job runs
+    streamer = threading.Thread(target=_stream_logs, args=(sub, target), daemon=True)
+    streamer.start()
     status = wait_for(sub, target, timeout_s=timeout_s)
+    streamer.join(timeout=10)  # the stream ends with the job; its last lines may still be on the way
     try:
         Console().print(stage_table(RunRecord.load(Storage(root), sub.run_id), final=True))
     except CmflowError:
@@ -126,6 +132,55 @@ def _wait_and_report(root: str, sub: Submission, target: ClusterTarget, timeout_
             f"then `cmflow resume {sub.run_id}`"
         )
     typer.echo(f"run {sub.run_id} succeeded on {target.address}")
+
+
+#: Ray client log lines that tell an operator nothing (the job client announces every package it uploads)
+RAY_CLIENT_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk")
+
+
+def quiet_ray_client() -> None:
+    """Silence the Ray job client's INFO lines (``Uploading package gcs://…``); warnings still show."""
+    import logging
+
+    for name in RAY_CLIENT_LOGGERS:
+        try:
+            __import__(name)  # the module sets its logger to INFO when imported: set it after that
+        except ImportError:
+            continue
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _stream_logs(sub: Submission, target: ClusterTarget) -> None:
+    """Copy the job's log to stdout line by line until the job ends (best effort: the wait decides)."""
+    from cmflow.errors import CmflowError
+    from cmflow.submit import follow_logs
+
+    writer = _LineWriter()
+    try:
+        follow_logs(sub, target, writer)
+    except CmflowError as exc:
+        typer.echo(f"warning: stopped streaming the run's log: {exc}", err=True)
+    writer.close()
+
+
+class _LineWriter:
+    """Writes log chunks to stdout as whole lines, leaving out :data:`RAY_NOISE` lines."""
+
+    def __init__(self) -> None:
+        self.partial = ""
+
+    def __call__(self, chunk: str) -> None:
+        from cmflow.engine.ray_runtime import RAY_NOISE
+
+        *lines, self.partial = (self.partial + chunk).split("\n")
+        kept = [line + "\n" for line in lines if not any(p in line for p in RAY_NOISE)]
+        if kept:
+            sys.stdout.write("".join(kept))
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.partial:
+            self("\n")
 
 
 def _submission(root: str | None, run_id: str, token_file: str | None) -> tuple[Submission, ClusterTarget]:
@@ -146,8 +201,11 @@ def logs(
     from cmflow.submit import follow_logs, job_logs
 
     sub, target = _submission(root, run_id, token_file)
+    quiet_ray_client()
     if follow:
-        follow_logs(sub, target, lambda chunk: (sys.stdout.write(chunk), sys.stdout.flush()))
+        writer = _LineWriter()
+        follow_logs(sub, target, writer)
+        writer.close()
     else:
         sys.stdout.write(job_logs(sub, target))
 
@@ -207,7 +265,9 @@ def show_submitted(storage: Storage, run_id: str, as_json: bool) -> bool:
     if record is None:
         typer.echo(f"the driver has not written runs/{run_id}/run.json yet")
     else:
-        Console().print(stage_table(record, final=True))
+        from cmflow.engine.driver import load_progress
+
+        Console().print(stage_table(record, load_progress(storage, record), final=True))
     return True
 
 

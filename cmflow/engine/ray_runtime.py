@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from cmflow.errors import ClusterError
@@ -45,45 +50,48 @@ class RayRuntime:
         self.hub: Any = None
 
     def start(self) -> None:
-        import ray
-
         os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-        if ray.is_initialized():
-            pass  # inside a Ray job, or a caller's own ray.init(): use that cluster
-        elif self.address:
-            try:
+        with _ray_noise_filtered(), _keep_sigterm_handler():
+            import ray
+
+            if ray.is_initialized():
+                pass  # inside a Ray job, or a caller's own ray.init(): use that cluster
+            elif self.address:
+                try:
+                    ray.init(
+                        address=self.address,
+                        logging_level=logging.WARNING,
+                        log_to_driver=False,
+                        runtime_env=_driver_runtime_env(),
+                    )
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    raise ClusterError(
+                        f"cannot reach the Ray cluster at {self.address}: {exc}; check the address or drop "
+                        "--address to run locally"
+                    ) from None
+            else:
+                # A private local Ray on loopback. Token auth guards shared clusters; this one serves only
+                # this process, so it is disabled explicitly (Ray 2.60 turns it on by default).
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
                 ray.init(
-                    address=self.address,
+                    address="local",
+                    num_cpus=self.num_cpus or os.cpu_count() or 1,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
                     logging_level=logging.WARNING,
                     log_to_driver=False,
-                    runtime_env=_driver_runtime_env(),
+                    configure_logging=True,
+                    runtime_env={"env_vars": dict(WORKER_ENV)},
                 )
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ClusterError(
-                    f"cannot reach the Ray cluster at {self.address}: {exc}; check the address or drop "
-                    "--address to run locally"
-                ) from None
-        else:
-            # A private local Ray on loopback. Token auth guards shared clusters; this one serves only
-            # this process, so it is disabled explicitly (Ray 2.60 turns it on by default).
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(
-                address="local",
-                num_cpus=self.num_cpus or os.cpu_count() or 1,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-                configure_logging=True,
-                runtime_env={"env_vars": dict(WORKER_ENV)},
-            )
-            self.started_here = True
+                self.started_here = True
         self.hub = _progress_hub_class().options(num_cpus=0).remote()
 
     def stop(self) -> None:
+        if not self.started_here:
+            return  # nothing to stop, and a run that never needed Ray should not pay for importing it
         import ray
 
-        if self.started_here and ray.is_initialized():
+        if ray.is_initialized():
             ray.shutdown()
         self.started_here = False
 
@@ -114,6 +122,54 @@ class RayRuntime:
             return ray.get(self.hub.snapshot.remote(), timeout=5)
         except Exception:  # noqa: BLE001 - the display must never break a run
             return {}
+
+
+#: lines Ray's C++ core writes to the driver's stderr while it starts that tell an operator nothing (on a host
+#: without a default route every ``ray.init`` warns that it fell back to the hostname for its IP)
+RAY_NOISE = ("Failed to determine local IP",)
+
+
+@contextlib.contextmanager
+def _ray_noise_filtered() -> Iterator[None]:
+    """Hold the process's stderr (file descriptor 2, where Ray's C++ code writes) in a temporary file while
+    Ray starts, then pass on every line except :data:`RAY_NOISE`."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2 (an embedding host): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True) if not _noise(line)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+def _noise(line: bytes) -> bool:
+    text = line.decode(errors="replace")
+    return any(pattern in text for pattern in RAY_NOISE)
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Keep this process's SIGTERM handler across ``ray.init``. Ray installs its own (a C++ handler that
+    dumps a stack trace to the terminal, chained to one that exits); cmflow's driver turns SIGTERM
+    (`cmflow stop`) into a clean stop that records the run as stopped."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGTERM, before)  # also drops the C++ handler Ray put underneath
 
 
 def check_feasible(nodes: list[dict[str, float]], demands: Iterable[tuple[str, Resources]]) -> None:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -444,11 +445,11 @@ class StageTracker:
 
 
 def _ray_tags() -> dict[str, str]:
-    """Ray task/node/job ids of the current worker, when inside Ray."""
+    """Ray task/node/job ids of the current worker, when inside Ray (a stage the driver runs itself, with
+    Ray never imported, has none: importing Ray just to learn that costs a second)."""
+    ray = sys.modules.get("ray")
     try:
-        import ray
-
-        if not ray.is_initialized():
+        if ray is None or not ray.is_initialized():
             return {}
         rc = ray.get_runtime_context()
         ids = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -147,10 +148,9 @@ def execute_stage(task: StageTask) -> str:
 
 
 def _node_id() -> str:
+    ray = sys.modules.get("ray")  # a stage the driver runs itself may run where Ray was never imported
     try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
     except Exception:  # noqa: BLE001 - informational only
         return ""
 

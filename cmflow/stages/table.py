@@ -28,3 +28,8 @@ STAGES: dict[str, StageDef] = {
         register_stages.promote,
     )
 }
+
+#: Kinds that need no compute: they only talk to the model registry. The driver runs them in its own
+#: process, so a run whose other stages are all cache hits never starts Ray (a cached digits rerun was
+#: 8-9 s, most of it Ray starting for ``promote``).
+IN_DRIVER: frozenset[str] = frozenset({"register", "promote"})

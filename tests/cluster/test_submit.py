@@ -143,8 +143,11 @@ def test_submit_wait_status_logs_and_duplicate_refused(
         "tiny-1",
     ]
     assert main([*args, "--wait", "--timeout-s", "180"]) == 0, capsys.readouterr()
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "submitted run tiny-1" in out and "run tiny-1 succeeded" in out
+    assert "[cmflow] total: done" in out, out  # the driver's log, streamed while the job ran
+    assert "Uploading package" not in out + captured.err
     assert job_status(head, "tiny-1") == "SUCCEEDED"
 
     # without a token, status still shows the run record and says why the job server did not answer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -77,6 +78,19 @@ def test_run_status_explain_and_runs_list(spec_file: Path, capsys: pytest.Captur
     assert main(["cache", "explain", run_ids[-1], "a", "--root", root, "--all"]) == 0
     everything = capsys.readouterr().out
     assert "code.modules.cmflow.stages.demo" in everything and "code.versions.numpy" in everything
+    # a fully cached rerun, as a real process: every stage a hit, and Ray not even imported
+    code = (
+        "import sys; from cmflow.cli.main import main; rc = main(['run', sys.argv[1], '--set', "
+        "'stages.a.params.n=5']); print('ray imported:', 'ray' in sys.modules); sys.exit(rc)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(spec_file)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ray imported: False" in done.stdout
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in done.stdout.splitlines() if "│" in line]
+    assert {row[0]: row[2] for row in cells if row and row[0]} == {"a": "hit", "b": "hit"}, done.stdout
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -86,6 +100,83 @@ def test_failed_run_exits_1_and_resume(spec_file: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert "error: run clidemo-r1 failed" in err and "Traceback" not in err
     assert main(["resume", "clidemo-r1", "--root", root, "--set", "stages.a.params.fail=false"]) == 0
+
+
+def test_tables_list_pipeline_order_keep_values_whole_and_say_progress_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rich.console import Console
+
+    from cmflow.cli.display import pipeline_order, progress_text, stage_table
+    from cmflow.cli.models import rounded
+    from cmflow.engine.driver import progress_key
+    from cmflow.engine.records import RunRecord
+    from cmflow.storage import Storage
+
+    stages = {  # as a stored record reads back: names sorted
+        "data": {"kind": "prepare_data"},
+        "evaluate": {"kind": "evaluate", "inputs": {"model": "teacher", "data": "data"}},
+        "teacher": {"kind": "teacher", "inputs": {"data": "data"}},
+    }
+    record = RunRecord.start(
+        "r-1", {"name": "p", "stages": stages}, {n: v["kind"] for n, v in stages.items()}
+    )
+    assert pipeline_order(record) == ["data", "teacher", "evaluate"]
+    meta = {"fid_1step": 7.123456, "fid_2step": 5.5123, "model_digest": "0123456789abcdef01", "steps": 2200}
+    for srec in record.stages.values():
+        srec.status, srec.meta = "done", meta
+    console = Console(width=80, record=True)
+    console.print(stage_table(record, final=True))
+    text = console.export_text()
+    rows = [line.split("│")[1].strip() for line in text.splitlines() if line.count("│") > 2]
+    assert [r for r in rows if r] == ["data", "teacher", "evaluate"]
+    for value in ("fid_1step=7.123", "fid_2step=5.512", "steps=2200"):
+        assert text.count(value) == 3, text  # wrapped between values, never inside one
+
+    progress = {
+        "done": 400,
+        "total": 2200,
+        "metrics": {"step": 400, "loss": 0.52691, "imgs_per_s": 1137.2},
+        "message": "loss 0.5269, 1137 img/s",
+    }
+    assert progress_text(progress) == "step 400/2200 (18%), loss 0.5269, 1137 img/s"
+    storage = Storage(str(tmp_path / "root"))  # `cmflow status` of a live run: the driver's saved progress
+    record.stages["teacher"].status = "running"
+    record.save(storage)
+    storage.write_json(progress_key(record.run_id), {"teacher": progress})
+    assert main(["status", record.run_id, "--root", storage.root]) == 0
+    out = capsys.readouterr().out
+    assert "step 400/2200 (18%)," in out and "1137 img/s" in out, out
+    assert progress_text({"done": 3, "total": 4, "message": "3/4 images"}) == "75% 3/4 images"
+    assert [rounded(v) for v in ("7.123456789", "1.0", "0.000123456", "digits")] == [
+        "7.123",
+        "1",
+        "0.0001235",
+        "digits",
+    ]
+
+
+def test_sigterm_stops_a_run_quietly_with_its_time(spec_file: Path) -> None:
+    """`cmflow stop` sends SIGTERM: the run ends as stopped, and Ray's noise (its IP-probe warning, its C++
+    stack dump on SIGTERM) does not reach the terminal. A real process starting its own local Ray."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    err = spec_file.with_name("stderr.txt")
+    argv = [sys.executable, "-m", "cmflow.cli.main", "run", str(spec_file), "--run-id", "clidemo-term"]
+    argv += ["--set", "stages.a.params.sleep_s=60", "--set", "ray.num_cpus=1"]
+    with open(err, "w") as handle:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=handle, env=env)
+    deadline = time.monotonic() + 120
+    while "[cmflow] a: running" not in err.read_text() and proc.poll() is None:
+        assert time.monotonic() < deadline, err.read_text()
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130, err.read_text()
+    text = err.read_text()
+    assert "SIGTERM received" not in text and "Failed to determine local IP" not in text, text
+    assert "Traceback" not in text and "[cmflow] a: failed (" in text, text
+    record = json.loads((spec_file.parent / "root" / "runs" / "clidemo-term" / "run.json").read_text())
+    assert record["status"] == "stopped" and record["stages"]["a"]["seconds"] >= 1.0
 
 
 def test_real_subprocess_help_is_fast_and_validate_works(spec_file: Path) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cmflow.engine import RunRecord, plan, run_pipeline, storage_for
+from cmflow.engine import RunRecord, driver, list_runs, plan, run_pipeline, storage_for
+from cmflow.engine.ray_runtime import RayRuntime
 from cmflow.errors import ClusterError
 from cmflow.spec import PipelineSpec
 from cmflow.validate import validate_spec
@@ -40,7 +42,7 @@ def statuses(record: RunRecord) -> dict[str, str]:
     return {name: s.status for name, s in record.stages.items()}
 
 
-def test_diamond_branches_overlap_and_rerun_hits(tmp_path: Path) -> None:
+def test_diamond_branches_overlap_and_rerun_hits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     meet = {"rendezvous_dir": str(tmp_path / "meet"), "rendezvous_peers": 2}
     spec = diamond(
         str(tmp_path / "root"),
@@ -57,9 +59,27 @@ def test_diamond_branches_overlap_and_rerun_hits(tmp_path: Path) -> None:
     assert record.stages["total"].meta["sum"] == pytest.approx(expected)
 
     assert [r.decision for r in plan(spec)] == ["hit"] * 4
+    monkeypatch.setattr(RayRuntime, "start", _no_ray)  # from here on, nothing may start or attach Ray
     again = run_pipeline(spec)
     assert statuses(again) == dict.fromkeys(record.stages, "hit")
     assert RunRecord.load(storage_for(spec), again.run_id).status == "succeeded"
+
+    # a miss of a kind that needs no compute runs in the driver: still no Ray, and it really ran
+    monkeypatch.setattr(driver, "IN_DRIVER", frozenset({"demo.reduce"}))
+    scaled = diamond(
+        str(tmp_path / "root"),
+        stages__left__params={"n": 8, "seed": 1, **meet},
+        stages__right__params={"n": 8, "seed": 2, **meet},
+        stages__total__params={"scale": 2.0},
+    )
+    here = run_pipeline(scaled)
+    assert statuses(here) == {"source": "hit", "left": "hit", "right": "hit", "total": "done"}, here.error
+    assert here.stages["total"].meta["sum"] == pytest.approx(2 * expected)
+    assert here.stages["total"].started_at and here.stages["total"].ended_at
+
+
+def _no_ray(self: RayRuntime) -> None:
+    raise AssertionError("the run started Ray")
 
 
 def test_no_cache_recompute_with_identical_bytes_keeps_downstream_hits(tmp_path: Path) -> None:
@@ -74,8 +94,37 @@ def test_changed_param_reruns_only_that_stage_and_downstream(tmp_path: Path) -> 
     spec = diamond(str(tmp_path / "root"), stages__left__params={"n": 8, "seed": 1})
     run_pipeline(spec)
     changed = diamond(str(tmp_path / "root"), stages__left__params={"n": 8, "seed": 7})
+    why = {row.stage: row.reason for row in plan(changed)}
+    assert why["left"] == "changed since the last run: params.seed 1 → 7"  # which, old → new
     record = run_pipeline(changed)
     assert statuses(record) == {"source": "hit", "left": "done", "right": "hit", "total": "done"}
+
+
+def test_a_stopped_run_records_how_long_its_stage_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(driver, "PROGRESS_SAVE_S", 0.0)  # save the running stage's progress at every poll
+    spec = diamond(str(tmp_path / "root"), stages__source__params={"n": 8, "sleep_s": 3.0})
+
+    def stop_after_a_second(record: RunRecord, progress: dict[str, Any]) -> None:
+        source = record.stages["source"]
+        if source.status == "running" and time.time() - _epoch(source.started_at) > 1.0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(spec, listener=stop_after_a_second)
+    stored = next(r for r in list_runs(storage_for(spec)))
+    assert stored.status == "stopped"
+    assert stored.stages["source"].status == "failed" and stored.stages["source"].seconds >= 1.0
+    assert stored.stages["total"].status == "skipped"
+    saved = storage_for(spec).read_json(f"runs/{stored.run_id}/progress.json")  # what `cmflow status` shows
+    assert saved["source"]["total"] == 30 and 0 < saved["source"]["done"] <= 30
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()
 
 
 def test_transient_error_is_retried(tmp_path: Path) -> None:

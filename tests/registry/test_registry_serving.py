@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,13 @@ def test_pyfunc_loads_by_alias_and_generates(champion: tuple[str, Manifest], mlf
     assert low.shape == (1, 1, 8, 8)
     with pytest.raises(Exception, match="3-channel"):
         model.predict([{"task": "colorize", "image": image}])
+    # a misspelled field reaches cmflow (no input schema drops it first), and superres at factor 1 is refused
+    with pytest.raises(
+        Exception, match=r"^unknown request field\(s\) num_sampels; did you mean num_samples\?$"
+    ):
+        model.predict({"num_sampels": 2})
+    with pytest.raises(Exception, match="would change nothing; send a smaller image"):
+        model.predict([{"task": "superres", "image": image}])
 
 
 def test_sample_and_edit_cli(champion: tuple[str, Manifest], mlflow_server: str, tmp_path: Path) -> None:
@@ -72,9 +80,14 @@ def test_sample_and_edit_cli(champion: tuple[str, Manifest], mlflow_server: str,
     name, _ = champion
     uri = ["--tracking-uri", mlflow_server]
     grid = tmp_path / "grid.png"
-    assert (
-        main(["sample", f"models:/{name}@champion", "--steps", "1", "-n", "4", "--out", str(grid), *uri]) == 0
-    )
+    warnings.onceregistry.clear()  # MLflow shows its type-hint warning "once": make an earlier one not hide it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert (
+            main(["sample", f"models:/{name}@champion", "--steps", "1", "-n", "4", "--out", str(grid), *uri])
+            == 0
+        )
+    assert not [w for w in caught if "type hints" in str(w.message)], [str(w.message) for w in caught]
     with Image.open(grid) as picture:
         assert picture.size[0] > 0 and picture.mode == "L"
     source = tmp_path / "digit.png"
@@ -170,6 +183,17 @@ def test_mlflow_models_serve_answers_invocations(
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(bad, timeout=60)
         assert refused.value.code == 400 and b"not supported" in refused.value.read()
+        typo = urllib.request.Request(
+            f"{url}/invocations",
+            data=b'{"inputs": {"num_sampels": 2}}',
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(typo, timeout=60)
+        message = json.loads(refused.value.read())["message"]
+        assert refused.value.code == 400 and message == (
+            "unknown request field(s) num_sampels; did you mean num_samples?"
+        )
     finally:
         _stop(proc)
 
