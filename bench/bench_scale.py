@@ -1,7 +1,7 @@
 """The scale path measured side by side on one machine (issue 14): memory, parallel speed-ups, DDP overhead.
 
     python bench/bench_scale.py rss [--sizes 50000,200000,1000000]   # peak RSS of a training worker
-    python bench/bench_scale.py prepare [--images 3000]              # prepare_data images/s, 1 vs 2 CPUs
+    python bench/bench_scale.py prepare [--images 24000]             # prepare_data images/s, 1 vs 2 CPUs
     python bench/bench_scale.py evaluate [--samples 4000]            # evaluate wall time, 1 vs 2 tasks
     python bench/bench_scale.py train [--steps 60]                   # teacher/distill img/s, 1x2, 2x1, 1x1
 
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("command", choices=["rss", "prepare", "evaluate", "train", "_one"])
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--sizes", default="50000,200000,1000000")
-    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--images", type=int, default=24000)
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
