@@ -250,21 +250,44 @@ def run_pipeline(
         if failed:
             record.error = f"stage {failed[0]!r} failed: {record.stages[failed[0]].error}"
     except BaseException as exc:
-        record.status = "failed" if not isinstance(exc, KeyboardInterrupt) else "stopped"
-        record.error = str(exc) if isinstance(exc, CmflowError) else f"{type(exc).__name__}: {exc}"
+        stopped = isinstance(exc, KeyboardInterrupt)  # Ctrl-C, or SIGTERM from `cmflow stop`
+        record.status = "stopped" if stopped else "failed"
+        if stopped:
+            record.error = f"stopped; resume with `cmflow resume {record.run_id}`"
+        else:
+            record.error = str(exc) if isinstance(exc, CmflowError) else f"{type(exc).__name__}: {exc}"
         for srec in record.stages.values():
-            if srec.status in {"running", "pending"}:
-                srec.status = "skipped" if srec.status == "pending" else "failed"
-                srec.error = srec.error or "the driver stopped"
+            if srec.status == "pending" or (stopped and srec.status == "running"):
+                srec.status, srec.reason = (
+                    "skipped",
+                    "the run was stopped" if stopped else "the driver failed",
+                )
+            elif srec.status == "running":
+                srec.status, srec.error = "failed", srec.error or "the driver failed"
         raise
     finally:
         if persist:
-            record.save(storage)
+            _final_save(record, storage)
         if tracker is not None:
             tracker.finish(record)
         notify()
         runtime.stop()
     return record
+
+
+def _final_save(record: RunRecord, storage: Storage) -> None:
+    """Write the final record; when the run is already unwinding from an error, a failing save (a
+    read-only or full store) must not replace that first error."""
+    import sys
+
+    unwinding = sys.exc_info()[1] is not None
+    try:
+        record.save(storage)
+    except Exception as exc:  # noqa: BLE001
+        if not unwinding:
+            raise
+        if isinstance(exc, CmflowError) and str(exc) not in record.error:
+            record.error = f"{record.error} (the run record could not be written either: {exc})"
 
 
 def _finish(srec: StageRecord, status: str, manifest: Manifest) -> None:
