@@ -64,3 +64,9 @@ class RegistryError(CmflowError):
 
 class GateRejected(CmflowError):
     """A promotion gate refused a challenger."""
+
+
+class Interrupted(CmflowError):
+    """Ctrl-C or SIGTERM (`cmflow stop`) while a run was in progress: exit 130 like any interrupted tool."""
+
+    exit_code = 130

@@ -17,6 +17,7 @@ object pickles as (root, options) alone.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -99,7 +100,11 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
+_LOCAL_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
 def _is_access_problem(exc: BaseException) -> bool:
+    """An object-store credentials or permission problem (local permission errors are handled apart)."""
     name = type(exc).__name__
     if name in {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
         return True
@@ -215,6 +220,16 @@ class Storage:
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - classified below
+                if self.is_local and isinstance(exc, OSError) and exc.errno in _LOCAL_WRITE_ERRNOS:
+                    fix = (
+                        "free space on that filesystem"
+                        if exc.errno in {errno.ENOSPC, errno.EDQUOT}
+                        else "give this user write access to the storage root (or use another root)"
+                    )
+                    raise StorageError(
+                        f"storage {self.root}: cannot {what} ({os.strerror(exc.errno or 0)}); {fix}, then "
+                        "resume the run"
+                    ) from None
                 if _is_access_problem(exc):
                     raise InputError(
                         f"storage {redact_uri(self.root)}: cannot {what} ({type(exc).__name__}); check the "
@@ -266,14 +281,14 @@ class Storage:
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
             try:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
                 os.link(tmp, path)  # atomic, fails if path exists
             finally:
-                os.unlink(tmp)
+                _unlink_quietly(tmp)
         else:
             try:
                 self.fs.pipe_file(path, data, mode="create")
@@ -483,9 +498,20 @@ def _etag(info: dict[str, Any]) -> str | None:
 def _local_atomic_write(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)  # a full disk or an interrupt leaves no stray temp file
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def open_uri(uri: str, options: dict[str, Any] | None = None) -> bytes:

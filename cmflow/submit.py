@@ -41,8 +41,8 @@ from urllib.parse import urlparse
 import yaml
 
 from cmflow.engine.ray_runtime import WORKER_ENV
-from cmflow.engine.records import utcnow
-from cmflow.errors import ClusterError, CmflowError, StageError, UsageError
+from cmflow.engine.records import RunRecord, utcnow
+from cmflow.errors import ClusterError, CmflowError, InputError, SpecError, StageError, UsageError
 from cmflow.redact import redact_uri
 from cmflow.schedule.store import Schedule
 from cmflow.schedule.tick import DuplicateSubmission
@@ -228,6 +228,61 @@ def check_root_reachable(spec: PipelineSpec, address: str, *, allow_local_root: 
         )
 
 
+def check_reachable(spec: PipelineSpec, environ: Mapping[str, str] | None = None) -> None:
+    """Before a submit: the storage root answers from here, and tracking can work on a cluster.
+
+    Tracking resolves as everywhere (:func:`cmflow.mlflow_client.resolve_tracking_uri`: ``tracking.uri``,
+    then ``MLFLOW_TRACKING_URI``, then the local default); a local store (SQLite, a path) under a remote
+    root is refused, and an http(s) server must answer ``/health``.
+    """
+    from cmflow.mlflow_client import resolve_tracking_uri
+
+    environ = os.environ if environ is None else environ
+    storage = Storage(spec.storage.root, spec.storage.options, retries=1)
+    try:
+        storage.list("runs")
+    except CmflowError as exc:
+        raise InputError(
+            f"storage.root {redact_uri(spec.storage.root)} is not reachable from here ({_first_line(exc)}); "
+            "check storage.root, storage.options (endpoint_url) and the credentials, then submit again"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - endpoint, DNS, bucket problems surface as many types
+        raise InputError(
+            f"storage.root {redact_uri(spec.storage.root)} is not reachable from here "
+            f"({type(exc).__name__}: {_first_line(exc)}); check storage.root, storage.options (endpoint_url) "
+            "and the credentials, then submit again"
+        ) from None
+    if not spec.tracking.enabled:
+        return
+    remote_root = "://" in spec.storage.root and not spec.storage.root.startswith("file://")
+    configured = spec.tracking.uri or environ.get("MLFLOW_TRACKING_URI") or None
+    fix = "set tracking.uri or MLFLOW_TRACKING_URI to an MLflow server (or tracking.enabled: false)"
+    if configured is None and remote_root:
+        raise SpecError(f"storage.root {redact_uri(spec.storage.root)} is not local, so {fix}")
+    uri = configured or resolve_tracking_uri(None, spec.storage.root)
+    scheme = urlparse(uri).scheme if "://" in uri else "file"
+    if scheme in {"sqlite", "file"} and remote_root:
+        raise SpecError(
+            f"tracking {redact_uri(uri)} is a local store the cluster's nodes cannot share; {fix}"
+        )
+    if scheme in {"http", "https"}:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):  # noqa: S310 - http(s) only
+                pass
+        except Exception as exc:  # noqa: BLE001 - refused, DNS, timeouts, HTTP errors
+            raise InputError(
+                f"MLflow tracking at {redact_uri(uri)} is not reachable from here ({_first_line(exc)}); start "
+                "the server or fix tracking.uri / MLFLOW_TRACKING_URI, then submit again"
+            ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = redact_uri(str(exc)).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 # --------------------------------------------------------------------------------------------------
 # The submission index: runs/<run_id>/submission.json
 
@@ -338,6 +393,7 @@ def submit_spec(
 
     run_id = check_run_id(run_id) if run_id else new_run_id(spec.name)
     check_root_reachable(spec, target.address, allow_local_root=allow_local_root)
+    check_reachable(spec, environ)
     storage = Storage(spec.storage.root, spec.storage.options)
     if storage.exists(f"runs/{run_id}/run.json") and load_submission(storage, run_id) is None:
         raise DuplicateSubmission(
@@ -436,6 +492,7 @@ def resubmit(
             f"run {run_id} is still {status} on {sub.address}; stop it first with `cmflow stop {run_id}`"
         )
     spec = validate_spec(apply_overrides(sub.spec, overrides or []), source=f"run {run_id}")
+    check_reachable(spec)
     submission_id = f"{run_id}-r{len(sub.submissions)}"
     client = job_client(target)
     _submit_job(
@@ -483,6 +540,57 @@ def job_info(sub: Submission, target: ClusterTarget) -> dict[str, Any]:
         "start_time": info.start_time,
         "end_time": info.end_time,
         "entrypoint": info.entrypoint,
+    }
+
+
+def reconcile(record: RunRecord, job: Mapping[str, Any]) -> RunRecord:
+    """The run record as Ray's job state makes it true (read side only; the driver stays its one writer).
+
+    * Ray says FAILED while the record says running: the driver died; the run reads ``failed`` with Ray's
+      reason, its running stages ``failed``, its pending ones ``skipped``.
+    * Ray says STOPPED (``cmflow stop``) and the record did not succeed: the run reads ``stopped``, whatever
+      the driver managed to write while it was being stopped.
+    * anything else (running, succeeded, Ray unreachable or without the job): the record as written.
+    """
+    import copy
+
+    status = str(job.get("status", ""))
+    if status == "FAILED" and record.status == "running":
+        reason = (str(job.get("message") or "").strip().splitlines() or ["no reason given"])[0][:300]
+        record = copy.deepcopy(record)
+        record.status = "failed"
+        record.error = f"the driver died (Ray job {job.get('submission_id', '')} FAILED: {reason})"
+        for srec in record.stages.values():
+            if srec.status == "running":
+                srec.status, srec.error = "failed", "the driver died"
+            elif srec.status == "pending":
+                srec.status, srec.reason = "skipped", "the driver died"
+        return record
+    if status == "STOPPED" and record.status != "succeeded":
+        record = copy.deepcopy(record)
+        record.status = "stopped"
+        record.error = f"stopped with `cmflow stop`; resume with `cmflow resume {record.run_id}`"
+        for srec in record.stages.values():
+            interrupted = srec.error == "the driver stopped"  # what drivers before this change wrote
+            if srec.status in {"running", "pending"} or interrupted:
+                srec.status, srec.error, srec.reason = "skipped", "", "the run was stopped"
+        return record
+    return record
+
+
+def ray_job(sub: Submission, token: str | None = None) -> dict[str, Any]:
+    """Ray's view of a submitted run's current job, never raising: UNAVAILABLE (with why) when the job
+    server does not answer, UNKNOWN when it has no such job, SUBMITTING before it was submitted."""
+    if sub.state != "submitted":
+        return {"submission_id": sub.current, "status": "SUBMITTING", "message": "not submitted yet"}
+    try:
+        info = job_info(sub, ClusterTarget(sub.address, token))
+    except ClusterError as exc:
+        return {"submission_id": sub.current, "status": "UNAVAILABLE", "message": str(exc)}
+    return info or {
+        "submission_id": sub.current,
+        "status": "UNKNOWN",
+        "message": "the cluster has no such job",
     }
 
 

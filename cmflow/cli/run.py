@@ -5,11 +5,23 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cmflow.cli.options import AddressOpt, NoCacheOpt, RootOpt, SetOpt, SpecArg, default_root
+if TYPE_CHECKING:
+    from cmflow.errors import Interrupted
+
+from cmflow.cli.options import (
+    AddressOpt,
+    NoCacheOpt,
+    RootOpt,
+    SetOpt,
+    SpecArg,
+    StorageOptionOpt,
+    open_storage,
+    storage_options,
+)
 
 
 def run(
@@ -38,12 +50,23 @@ def _run(spec, no_cache: list[str], address: str | None, run_id: str | None) -> 
     console = Console(stderr=True)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt) if in_main else None  # `cmflow stop`
+    previous_int = signal.signal(signal.SIGINT, _sigterm_to_interrupt) if in_main else None  # Ctrl-C
+    seen: dict[str, Any] = {}
+
     try:
         with LiveDisplay(console) as display:
-            record = run_pipeline(spec, no_cache=no_cache, run_id=run_id, address=address, listener=display)
+
+            def listen(record, progress) -> None:  # noqa: ANN001
+                seen["record"] = record
+                display(record, progress)
+
+            record = run_pipeline(spec, no_cache=no_cache, run_id=run_id, address=address, listener=listen)
+    except KeyboardInterrupt:  # Ctrl-C or `cmflow stop`: raised here, before Typer turns it into an Abort
+        raise _interrupted(spec, seen.get("record"), run_id) from None
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
     Console().print(stage_table(record, final=True))
     if record.status != "succeeded":
         raise StageError(
@@ -51,6 +74,22 @@ def _run(spec, no_cache: list[str], address: str | None, run_id: str | None) -> 
             f"{record.run_id}`"
         )
     typer.echo(f"run {record.run_id} succeeded; artifacts under {spec.storage.root}")
+
+
+def _interrupted(spec, record, run_id: str | None) -> Interrupted:  # noqa: ANN001
+    from cmflow.engine import storage_for
+    from cmflow.errors import CmflowError, Interrupted
+
+    run_id = record.run_id if record is not None else run_id
+    try:
+        recorded = run_id is not None and storage_for(spec).exists(f"runs/{run_id}/run.json")
+    except CmflowError:
+        recorded = False
+    if not recorded:
+        return Interrupted("interrupted before any stage ran; nothing was recorded, start it again")
+    return Interrupted(
+        f"run {run_id} interrupted and recorded as stopped; resume with `cmflow resume {run_id}`"
+    )
 
 
 def _sigterm_to_interrupt(signum: int, frame: object) -> None:
@@ -63,19 +102,35 @@ def resume(
     root: RootOpt = None,
     set_: SetOpt = None,
     address: AddressOpt = None,
+    storage_option: StorageOptionOpt = None,
 ) -> None:
-    """Re-run a run's spec snapshot under the same run id: finished stages are cache hits."""
+    """Re-run a run's spec snapshot under the same run id: finished stages are cache hits.
+
+    The run uses the recorded spec's storage options; ``--storage-option`` reads the record (and fills in
+    options the record masks, such as a secret key).
+    """
     from cmflow.cli.submit import resume_submitted
     from cmflow.engine.records import RunRecord
     from cmflow.spec import apply_overrides
-    from cmflow.storage import Storage
     from cmflow.validate import validate_spec
 
-    if resume_submitted(Storage(default_root(root)), run_id, set_ or []):
+    storage = open_storage(root, storage_option)
+    if resume_submitted(storage, run_id, set_ or []):
         return  # a run submitted to a cluster is resubmitted there
-    record = RunRecord.load(Storage(default_root(root)), run_id)
-    spec = validate_spec(apply_overrides(record.spec, set_ or []), source=f"run {run_id}")
+    record = RunRecord.load(storage, run_id)
+    snapshot = with_storage_options(record.spec, storage_options(storage_option))
+    spec = validate_spec(apply_overrides(snapshot, set_ or []), source=f"run {run_id}")
     _run(spec, [], address, run_id)
+
+
+def with_storage_options(snapshot: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The recorded spec with its masked ('***') storage options, or missing ones, taken from ``given``."""
+    storage = dict(snapshot.get("storage") or {})
+    options = dict(storage.get("options") or {})
+    for key, value in given.items():
+        if options.get(key, "***") == "***":
+            options[key] = value
+    return {**snapshot, "storage": {**storage, "options": options}}
 
 
 def plan(spec_path: SpecArg, set_: SetOpt = None, no_cache: NoCacheOpt = None) -> None:
@@ -111,27 +166,29 @@ def status(
     run_id: Annotated[str | None, typer.Argument(help="Run id (default: the latest run).")] = None,
     root: RootOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run record as JSON.")] = False,
+    storage_option: StorageOptionOpt = None,
 ) -> None:
-    """Show a run's per-stage status, cache hits and errors (works after the driver is gone)."""
+    """Show a run's per-stage status, cache hits and errors (works after the driver is gone).
+
+    For a submitted run the record is checked against Ray's job state (a driver that died reads failed,
+    a stopped job reads stopped).
+    """
     from rich.console import Console
 
     from cmflow.cli.display import stage_table
+    from cmflow.cli.submit import show_submitted
     from cmflow.engine.records import RunRecord, list_runs
     from cmflow.errors import UsageError
-    from cmflow.storage import Storage
 
-    storage = Storage(default_root(root))
+    storage = open_storage(root, storage_option)
     if run_id is None:
         runs = list_runs(storage)
         if not runs:
             raise UsageError(f"no runs under {storage.uri()}; start one with `cmflow run SPEC`")
-        record = runs[-1]
-    else:
-        from cmflow.cli.submit import show_submitted
-
-        if show_submitted(storage, run_id, as_json):
-            return  # a run submitted to a cluster: Ray job status + run record
-        record = RunRecord.load(storage, run_id)
+        run_id = runs[-1].run_id
+    if show_submitted(storage, run_id, as_json):
+        return  # a run submitted to a cluster: Ray job status + the reconciled run record
+    record = RunRecord.load(storage, run_id)
     if as_json:
         typer.echo(json.dumps(record.to_dict(), indent=1))
         return

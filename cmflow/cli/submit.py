@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cmflow.cli.options import RootOpt, SetOpt, SpecArg, default_root
+from cmflow.cli.options import RootOpt, SetOpt, SpecArg, StorageOptionOpt, open_storage
 
 if TYPE_CHECKING:
+    from cmflow.engine.records import RunRecord
     from cmflow.storage import Storage
     from cmflow.submit import ClusterTarget, Submission
 
@@ -102,34 +103,37 @@ def submit(
         f"`cmflow logs {sub.run_id} --follow{root_hint}`"
     )
     if wait:
-        _wait_and_report(spec.storage.root, sub, target, timeout_s)
+        _wait_and_report(spec.storage.root, spec.storage.options, sub, target, timeout_s)
 
 
-def _wait_and_report(root: str, sub: Submission, target: ClusterTarget, timeout_s: float | None) -> None:
+def _wait_and_report(
+    root: str, options: dict, sub: Submission, target: ClusterTarget, timeout_s: float | None
+) -> None:
     from rich.console import Console
 
     from cmflow.cli.display import stage_table
     from cmflow.engine.records import RunRecord
     from cmflow.errors import CmflowError, StageError
     from cmflow.storage import Storage
-    from cmflow.submit import job_info, wait_for
+    from cmflow.submit import job_info, reconcile, wait_for
 
     # the run's progress as it happens (the driver's log, as `ray job submit` streams it) while the job runs
     streamer = threading.Thread(target=_stream_logs, args=(sub, target), daemon=True)
     streamer.start()
     status = wait_for(sub, target, timeout_s=timeout_s)
     streamer.join(timeout=10)  # the stream ends with the job; its last lines may still be on the way
+    job = job_info(sub, target) if status != "UNKNOWN" else {}
+    job = job or {"submission_id": sub.current, "status": status, "message": "the cluster lost the job"}
+    record: RunRecord | None
     try:
-        Console().print(stage_table(RunRecord.load(Storage(root), sub.run_id), final=True))
+        record = reconcile(RunRecord.load(Storage(root, options), sub.run_id), job)
+        Console().print(stage_table(record, final=True))
     except CmflowError:
-        pass
+        record = None
     if status != "SUCCEEDED":
-        message = (
-            job_info(sub, target).get("message", "") if status != "UNKNOWN" else "the cluster lost the job"
-        )
         raise StageError(
-            f"run {sub.run_id} ended {status}: {message[:300]}; see `cmflow logs {sub.run_id}`, "
-            f"then `cmflow resume {sub.run_id}`"
+            f"run {sub.run_id} ended {status}: {_driver_error(record, job, sub, target)}; see `cmflow logs "
+            f"{sub.run_id}`, then `cmflow resume {sub.run_id}`"
         )
     typer.echo(f"run {sub.run_id} succeeded on {target.address}")
 
@@ -183,11 +187,29 @@ class _LineWriter:
             self("\n")
 
 
-def _submission(root: str | None, run_id: str, token_file: str | None) -> tuple[Submission, ClusterTarget]:
-    from cmflow.storage import Storage
+def _driver_error(record: RunRecord | None, job: dict, sub: Submission, target: ClusterTarget) -> str:
+    """The driver's own one-line error, in full: the run record's, else the last ``error:`` line of the
+    driver log, else the first line of Ray's message (never a cut log tail)."""
+    from cmflow.errors import CmflowError
+    from cmflow.submit import job_logs
+
+    if record is not None and record.error:
+        return record.error
+    try:
+        lines = [ln for ln in job_logs(sub, target).splitlines() if ln.startswith("error: ")]
+    except CmflowError:
+        lines = []
+    if lines:
+        return lines[-1][len("error: ") :]
+    return (str(job.get("message") or "").strip().splitlines() or ["no reason given"])[0]
+
+
+def _submission(
+    root: str | None, run_id: str, token_file: str | None, options: list[str] | None = None
+) -> tuple[Submission, ClusterTarget]:
     from cmflow.submit import ClusterTarget, require_submission, resolve_token
 
-    sub = require_submission(Storage(default_root(root)), run_id)
+    sub = require_submission(open_storage(root, options), run_id)
     return sub, ClusterTarget(sub.address, resolve_token(token_file))
 
 
@@ -196,11 +218,12 @@ def logs(
     root: RootOpt = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False,
     token_file: TokenFileOpt = None,
+    storage_option: StorageOptionOpt = None,
 ) -> None:
     """Print the driver log of a submitted run (the Ray job's log)."""
     from cmflow.submit import follow_logs, job_logs
 
-    sub, target = _submission(root, run_id, token_file)
+    sub, target = _submission(root, run_id, token_file, storage_option)
     quiet_ray_client()
     if follow:
         writer = _LineWriter()
@@ -210,11 +233,16 @@ def logs(
         sys.stdout.write(job_logs(sub, target))
 
 
-def stop(run_id: RunArg, root: RootOpt = None, token_file: TokenFileOpt = None) -> None:
+def stop(
+    run_id: RunArg,
+    root: RootOpt = None,
+    token_file: TokenFileOpt = None,
+    storage_option: StorageOptionOpt = None,
+) -> None:
     """Stop a submitted run (its Ray job); resume it later with `cmflow resume RUN`."""
     from cmflow.submit import job_status, stop_job
 
-    sub, target = _submission(root, run_id, token_file)
+    sub, target = _submission(root, run_id, token_file, storage_option)
     if stop_job(sub, target):
         typer.echo(
             f"stopping run {run_id} (Ray job {sub.current} on {sub.address}); resume with "
@@ -235,24 +263,18 @@ def show_submitted(storage: Storage, run_id: str, as_json: bool) -> bool:
     from rich.console import Console
 
     from cmflow.cli.display import stage_table
-    from cmflow.engine.records import RunRecord
-    from cmflow.errors import ClusterError, UsageError
-    from cmflow.submit import ClusterTarget, job_info, load_submission, resolve_token
+    from cmflow.engine.records import RunRecord, UnreadableRecord
+    from cmflow.errors import UsageError
+    from cmflow.submit import load_submission, ray_job, reconcile, resolve_token
 
     sub = load_submission(storage, run_id)
     if sub is None:
         return False
+    job = ray_job(sub, resolve_token())
     try:
-        info = job_info(sub, ClusterTarget(sub.address, resolve_token())) if sub.state == "submitted" else {}
-        job = info or {
-            "submission_id": sub.current,
-            "status": "UNKNOWN",
-            "message": "the cluster has no such job",
-        }
-    except ClusterError as exc:
-        job = {"submission_id": sub.current, "status": "UNAVAILABLE", "message": str(exc)}
-    try:
-        record: RunRecord | None = RunRecord.load(storage, run_id)
+        record: RunRecord | None = reconcile(RunRecord.load(storage, run_id), job)
+    except UnreadableRecord:
+        raise
     except UsageError:
         record = None
     if as_json:
@@ -260,7 +282,12 @@ def show_submitted(storage: Storage, run_id: str, as_json: bool) -> bool:
         data = record.to_dict() if record else {"run_id": run_id, "status": "submitted"}
         typer.echo(json.dumps({**data, "ray_job": job, "submission": index}, indent=1))
         return True
-    message = f" — {job['message']}" if job.get("message") else ""
+    first = (str(job.get("message") or "").strip().splitlines() or [""])[0]
+    message = f" — {first}" if first else ""
+    if job["status"] == "UNAVAILABLE":
+        message = (
+            f" — Ray is unreachable, so the record below is as the driver last wrote it: {job['message']}"
+        )
     typer.echo(f"Ray job {job['submission_id']} on {sub.address}: {job['status']}{message}")
     if record is None:
         typer.echo(f"the driver has not written runs/{run_id}/run.json yet")

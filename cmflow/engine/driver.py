@@ -411,24 +411,30 @@ class _Run:
             self.record.error = f"stage {failed[0]!r} failed: {self.record.stages[failed[0]].error}"
 
     def abort(self, exc: BaseException) -> None:
-        """The driver itself stopped (Ctrl-C, SIGTERM, an error): running stages fail, pending ones skip."""
+        """The driver itself stopped (Ctrl-C, SIGTERM: running and pending stages skip) or failed (running
+        stages fail, pending ones skip)."""
         record = self.record
-        record.status = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
-        record.error = str(exc) if isinstance(exc, CmflowError) else f"{type(exc).__name__}: {exc}"
+        stopped = isinstance(exc, KeyboardInterrupt)  # Ctrl-C, or SIGTERM from `cmflow stop`
+        record.status = "stopped" if stopped else "failed"
+        if stopped:
+            record.error = f"stopped; resume with `cmflow resume {record.run_id}`"
+        else:
+            record.error = str(exc) if isinstance(exc, CmflowError) else f"{type(exc).__name__}: {exc}"
         for srec in record.stages.values():
             if srec.status == "running":
-                srec.status = "failed"
                 _stamp_end(srec)  # the time it ran until the driver stopped
-            elif srec.status == "pending":
-                srec.status = "skipped"
-            else:
-                continue
-            srec.error = srec.error or "the driver stopped"
+            if srec.status == "pending" or (stopped and srec.status == "running"):
+                srec.status, srec.reason = (
+                    "skipped",
+                    "the run was stopped" if stopped else "the driver failed",
+                )
+            elif srec.status == "running":
+                srec.status, srec.error = "failed", srec.error or "the driver failed"
 
     def close(self) -> None:
         try:
             if self.persist:
-                self.record.save(self.storage)
+                _final_save(self.record, self.storage)
             if self.tracker is not None:
                 self.tracker.finish(self.record)
             self.notify()
@@ -449,6 +455,21 @@ def _start_record(spec: PipelineSpec, storage: Storage, order: list[str], run_id
         return record
     record.created_at, record.attempts = previous.created_at, previous.attempts + 1
     return record
+
+
+def _final_save(record: RunRecord, storage: Storage) -> None:
+    """Write the final record; when the run is already unwinding from an error, a failing save (a
+    read-only or full store) must not replace that first error."""
+    import sys
+
+    unwinding = sys.exc_info()[1] is not None
+    try:
+        record.save(storage)
+    except Exception as exc:  # noqa: BLE001
+        if not unwinding:
+            raise
+        if isinstance(exc, CmflowError) and str(exc) not in record.error:
+            record.error = f"{record.error} (the run record could not be written either: {exc})"
 
 
 def _finish(srec: StageRecord, status: str, manifest: Manifest) -> None:

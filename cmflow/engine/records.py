@@ -106,20 +106,47 @@ class RunRecord:
     @classmethod
     def load(cls, storage: Storage, run_id: str) -> RunRecord:
         check_run_id(run_id)
+        key = f"runs/{run_id}/run.json"
         try:
-            return cls.from_dict(storage.read_json(f"runs/{run_id}/run.json"))
+            data = storage.read_json(key)
         except FileNotFoundError:
             raise UsageError(
                 f"no run {run_id!r} under {storage.uri()}; list runs with `cmflow runs list --root ROOT`"
             ) from None
+        except ValueError as exc:  # not JSON (JSONDecodeError, UnicodeDecodeError)
+            raise UnreadableRecord(storage, key, f"not JSON: {str(exc).splitlines()[0][:120]}") from None
+        try:
+            if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not a run record")
+            record = cls.from_dict(dict(data))
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:  # a foreign or damaged record
+            raise UnreadableRecord(storage, key, f"not a cmflow run record: {str(exc)[:120]}") from None
+        if record.run_id != run_id:
+            raise UnreadableRecord(storage, key, f"it names run {record.run_id!r}")
+        return record
 
 
-def list_runs(storage: Storage) -> list[RunRecord]:
+class UnreadableRecord(UsageError):
+    """A ``run.json`` that does not parse or is not a cmflow run record."""
+
+    def __init__(self, storage: Storage, key: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            f"{storage.uri(key)} is unreadable ({reason}); restore it from a backup or move it aside "
+            "(the run's artifacts stay cached: `cmflow run SPEC` reuses them)"
+        )
+
+
+def list_runs(storage: Storage, unreadable: list[tuple[str, str]] | None = None) -> list[RunRecord]:
+    """The readable run records, oldest first; ``unreadable`` (if given) collects (run id, why) of the rest."""
     runs = []
     for run_id in storage.list("runs"):
         try:
             runs.append(RunRecord.load(storage, run_id))
-        except (UsageError, ValueError, TypeError, KeyError):
+        except UnreadableRecord as exc:
+            if unreadable is not None:
+                unreadable.append((run_id, exc.reason))
+        except UsageError:  # not a run id, or no run.json yet (a submission not started)
             continue
     return sorted(runs, key=lambda r: r.created_at)
 

@@ -168,6 +168,16 @@ def test_submit_wait_status_logs_and_duplicate_refused(
     assert main(["logs", "tiny-1", "--root", root, "--token-file", head["token_file"]]) == 0
     assert "run tiny-1 succeeded" in capsys.readouterr().out
 
+    # --wait on a run whose stage fails prints the driver's one-line error in full
+    failing = [*args[:-1], "tiny-bad", "--set", "stages.left.params.fail=true"]
+    assert main([*failing, "--wait", "--timeout-s", "180"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(
+        "error: run tiny-bad ended FAILED: stage 'left' failed: stage 'left' was told to fail"
+    )
+    assert "set it to false and resume; see `cmflow logs tiny-bad`" in err
+
     # a repeated submit of the same run id is refused, not duplicated
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -211,6 +221,39 @@ def test_unreachable_cluster_and_local_root_on_a_remote_cluster_are_one_line(
     assert "is a local path, which the cluster" in capsys.readouterr().err
 
 
+def test_submit_checks_storage_and_tracking_before_it_submits(
+    tmp_path: Path,
+    s3_root: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """Each refusal comes before the job server is contacted (none listens at ``address``)."""
+    root, options = s3_root
+    address = ["--address", f"http://127.0.0.1:{free_port()}"]
+    tracked = {**demo_spec(root, options=options), "tracking": {"enabled": True}}
+    spec = write_spec(tmp_path / "s3.yaml", tracked)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def refused(*extra: str) -> str:
+        assert main(["submit", str(spec), *address, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Ray job server" not in err, err
+        return err
+
+    fix = "set tracking.uri or MLFLOW_TRACKING_URI to an MLflow server"
+    assert "is not local, so " + fix in refused()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert "is a local store the cluster's nodes cannot share; " + fix in refused()
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    assert f"MLflow tracking at {dead} is not reachable from here" in refused()
+    assert "not reachable" in refused("--set", f"tracking.uri={dead}")  # tracking.uri comes first
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    err = refused("--set", f"storage.options.endpoint_url={dead}", "--set", "tracking.enabled=false")
+    assert "storage.root s3://" in err and "is not reachable from here" in err
+    assert "check storage.root, storage.options (endpoint_url)" in err
+
+
 def test_stop_then_resume_resubmits_with_the_same_run_id(
     head: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,26 +262,50 @@ def test_stop_then_resume_resubmits_with_the_same_run_id(
     token = ["--token-file", head["token_file"]]
     assert main(["submit", str(spec), "--address", head["address"], "--run-id", "slow-1", *token]) == 0
     storage = Storage(root)
-    wait_until(
-        lambda: storage.exists("runs/slow-1/run.json") and job_status(head, "slow-1") == "RUNNING",
-        120,
-        "the driver to start",
-    )
+    monkeypatch.setenv("RAY_AUTH_TOKEN", head["token"])
+
+    def driver_running(attempt: int) -> bool:
+        if not storage.exists("runs/slow-1/run.json"):
+            return False
+        record = storage.read_json("runs/slow-1/run.json")
+        return record["attempts"] == attempt and record["stages"]["left"]["status"] == "running"
+
+    def reads(status: str) -> dict[str, Any]:
+        assert main(["runs", "list", "--root", root, "--json"]) == 0
+        assert [json.loads(line)["status"] for line in capsys.readouterr().out.splitlines()] == [status]
+        assert main(["status", "slow-1", "--root", root, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    # the driver dies (kill -9): the record still says running, Ray says FAILED; the run reads failed
+    wait_until(lambda: driver_running(1), 120, "the driver to start")
+    os.kill(storage.read_json("runs/slow-1/run.json")["driver"]["pid"], signal.SIGKILL)
+    wait_until(lambda: job_status(head, "slow-1") == "FAILED", 60, "Ray to see the driver die")
+    assert storage.read_json("runs/slow-1/run.json")["status"] == "running"
+    data = reads("failed")
+    assert data["error"].startswith("the driver died (Ray job slow-1 FAILED: Job entrypoint command failed")
+    assert data["stages"]["left"]["status"] == "failed"
+
+    # resubmitted, then stopped: the run reads stopped (never "failed: the driver stopped")
+    assert main(["resume", "slow-1", "--root", root]) == 0
+    assert "resubmitted run slow-1 as Ray job slow-1-r1" in capsys.readouterr().out
+    wait_until(lambda: driver_running(2), 120, "the resubmitted driver to start")
     assert main(["stop", "slow-1", "--root", root, *token]) == 0
     assert "stopping run slow-1" in capsys.readouterr().out
-    wait_until(lambda: job_status(head, "slow-1") == "STOPPED", 60, "the job to stop")
+    wait_until(lambda: job_status(head, "slow-1-r1") == "STOPPED", 60, "the job to stop")
+    data = reads("stopped")
+    assert data["ray_job"]["status"] == "STOPPED" and "the driver stopped" not in json.dumps(data)
+    assert data["stages"]["left"]["status"] == "skipped"
 
-    # resume: a new Ray job slow-1-r1 running the same cmflow run id (sleep_s is not in the cache key)
-    monkeypatch.setenv("RAY_AUTH_TOKEN", head["token"])
+    # resume: a new Ray job slow-1-r2 running the same cmflow run id (sleep_s is not in the cache key)
     assert main(["resume", "slow-1", "--root", root, "--set", "stages.left.params.sleep_s=0"]) == 0
-    assert "resubmitted run slow-1 as Ray job slow-1-r1" in capsys.readouterr().out
+    assert "resubmitted run slow-1 as Ray job slow-1-r2" in capsys.readouterr().out
     assert main(["logs", "slow-1", "--root", root, "--follow", *token]) == 0  # streams until the job ends
     assert "run slow-1 succeeded" in capsys.readouterr().out
-    assert job_status(head, "slow-1-r1") == "SUCCEEDED"
+    assert job_status(head, "slow-1-r2") == "SUCCEEDED"
     sub = load_submission(storage, "slow-1")
-    assert [s["id"] for s in sub.submissions] == ["slow-1", "slow-1-r1"]
+    assert [s["id"] for s in sub.submissions] == ["slow-1", "slow-1-r1", "slow-1-r2"]
     record = json.loads(Path(root, "runs/slow-1/run.json").read_text())
-    assert record["status"] == "succeeded" and record["attempts"] == 2
+    assert record["status"] == "succeeded" and record["attempts"] == 3
     # `right` finished before the stop: a cache hit now
     assert record["stages"]["right"]["status"] in {"hit", "done"}
 

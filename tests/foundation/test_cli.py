@@ -92,6 +92,43 @@ def test_run_status_explain_and_runs_list(spec_file: Path, capsys: pytest.Captur
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in done.stdout.splitlines() if "│" in line]
     assert {row[0]: row[2] for row in cells if row and row[0]} == {"a": "hit", "b": "hit"}, done.stdout
 
+    # a corrupt run.json is listed as unreadable, not dropped
+    broken = Path(root, "runs", "broken", "run.json")
+    broken.parent.mkdir()
+    broken.write_text("{not json")
+    assert main(["runs", "list", "--root", root, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["run_id"] for r in rows] == [*run_ids, "broken"]
+    assert rows[-1]["status"] == "unreadable" and rows[-1]["error"].startswith("not JSON")
+    assert main(["runs", "list", "--root", root]) == 0  # the table (rich wraps its columns at 80)
+    capsys.readouterr()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_status_runs_list_and_resume_take_the_storage_options(
+    tmp_path: Path,
+    s3_root: tuple[str, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root, options = s3_root
+    endpoint = options["endpoint_url"]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint is known only from storage.options
+    path = tmp_path / "s3.yaml"
+    path.write_text(SPEC.replace("{root: %s}", f"{{root: {root}, options: {{endpoint_url: {endpoint}}}}}"))
+    assert main(["run", str(path), "--run-id", "opts-1"]) == 0
+    capsys.readouterr()
+    opt = ["--root", root, "--storage-option", f"endpoint_url={endpoint}"]
+    assert main(["status", "opts-1", *opt, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "succeeded"
+    assert main(["runs", "list", *opt, "--json"]) == 0
+    assert [json.loads(line)["run_id"] for line in capsys.readouterr().out.splitlines()] == ["opts-1"]
+    assert main(["resume", "opts-1", *opt]) == 0  # the recorded spec's options: every stage a hit
+    capsys.readouterr()
+    assert main(["status", "opts-1", *opt, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["attempts"] == 2 and {s["status"] for s in record["stages"].values()} == {"hit"}
+
 
 @pytest.mark.usefixtures("ray_session")
 def test_failed_run_exits_1_and_resume(spec_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,7 @@ import json
 import os
 import pickle
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,15 @@ class Env:
 
 
 Case = tuple[str, Callable[[Env], list[str]], int, str]
+
+
+def damaged_record(e: Env, run_id: str, text: str) -> str:
+    """A ``runs/<run_id>/run.json`` that is corrupt or foreign (written before the store is snapshotted)."""
+    path = e.root / "runs" / run_id / "run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return run_id
+
 
 CLI_CASES: list[Case] = [
     (
@@ -168,6 +177,24 @@ CLI_CASES: list[Case] = [
         2,
         r"no run 'nope'",
     ),
+    (
+        "status-corrupt-run-json",
+        lambda e: ["status", damaged_record(e, "cut", '{"run_id": "cut", "sta'), "--root", str(e.root)],
+        2,
+        r"runs/cut/run\.json is unreadable \(not JSON: .*\); restore it from a backup or move it aside",
+    ),
+    (
+        "resume-foreign-run-json",
+        lambda e: ["resume", damaged_record(e, "alien", '{"hello": 1}'), "--root", str(e.root)],
+        2,
+        r"runs/alien/run\.json is unreadable \(not a cmflow run record: .*hello.*\); restore it",
+    ),
+    (
+        "storage-option-without-equals",
+        lambda e: ["runs", "list", "--root", str(e.root), "--storage-option", "endpoint_url"],
+        2,
+        r"--storage-option 'endpoint_url' is not KEY=VALUE; write e\.g\.",
+    ),
     ("schema-unknown-kind", lambda e: ["schema", "--stage", "nope"], 2, r"no stage kind 'nope'"),
     (
         "bad-cron",
@@ -247,6 +274,92 @@ def test_impossible_resources_refused_up_front(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err
     assert "stage 'b' needs" in err and "set stages.b.resources.gpus=0" in err and err.count("\n") == 1
     assert not env.root.exists()
+
+
+@pytest.fixture()
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (this test's mount namespace: ``bash .ci/pytest`` runs as root in its own)."""
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_read_only_or_full_store_is_one_line_and_leaves_a_true_record(
+    small_fs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+
+    env = Env(small_fs)
+    env.root = small_fs / "store"
+    spec = env.write("spec.yaml", GOOD)
+    assert main(["run", spec, "--run-id", "rw-1"]) == 0
+    capsys.readouterr()
+    record = env.root / "runs" / "rw-1" / "run.json"
+
+    def check(pattern: str) -> None:
+        assert main(["resume", "rw-1", "--root", str(env.root)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        assert pattern in err and "then resume the run" in err, err
+        assert "credentials" not in err and "AWS" not in err, err  # a local problem, not an S3 one
+        assert json.loads(record.read_text())["status"] == "succeeded"  # the record stays true
+        assert not list(env.root.rglob("*.tmp")), "a temp file was left behind"
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    check("(Read-only file system); give this user write access to the storage root")
+    subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
+    with open(small_fs / "filler", "wb", buffering=0) as handle:  # fill the store to the last byte
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError:
+            pass
+    check("(No space left on device); free space on that filesystem")
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_ctrl_c_exits_130_naming_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+    import threading
+    import time
+
+    env = Env(tmp_path)
+    record = env.root / "runs" / "int-1" / "run.json"
+
+    def interrupt_when_running() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if json.loads(record.read_text())["stages"]["a"]["status"] == "running":
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C delivers
+        if not done.wait(2.0):  # a user presses it again when nothing happens
+            os.kill(os.getpid(), signal.SIGINT)
+
+    done = threading.Event()
+    watcher = threading.Thread(target=interrupt_when_running, daemon=True)
+    watcher.start()
+    code = main(["run", env.spec, "--run-id", "int-1", "--set", "stages.a.params.sleep_s=6"])
+    done.set()
+    watcher.join()
+    assert code == 130
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: run int-1 interrupted and recorded as stopped; resume with `cmflow resume int-1`"
+    ], err
+    assert "Traceback" not in err
+    assert json.loads(record.read_text())["status"] == "stopped"
 
 
 def test_missing_credentials(
