@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,6 +40,8 @@ from cmflow.redact import redact_uri
 T = TypeVar("T")
 MANIFEST = "manifest.json"
 _SAFE_PART = re.compile(r"^[A-Za-z0-9._=+-][A-Za-z0-9._=+@-]*$")
+
+log = logging.getLogger(__name__)
 
 
 def canonical_json(value: Any) -> str:
@@ -243,6 +246,15 @@ class Storage:
                         f"storage {redact_uri(self.root)} failed to {what} after {self.retries + 1} tries "
                         f"({type(exc).__name__}: {exc}); check the endpoint, then resume the run"
                     ) from None
+                log.warning(
+                    "storage %s: %s failed (%s); retry %d of %d in %.1f s",
+                    redact_uri(self.root),
+                    what,
+                    type(exc).__name__,
+                    attempt + 1,
+                    self.retries,
+                    delay,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
                 if self.protocol == "s3":

@@ -7,9 +7,7 @@ PNG/JPEG files, as a local path or any fsspec URI. REF is a statistics ``.npz`` 
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from typing import Annotated, Any
 
 import typer
@@ -54,23 +52,6 @@ def _is_folder(uri: str) -> bool:
         raise InputError(f"cannot open {uri}: {exc}; use a path, file:// or s3:// URI") from None
 
 
-def _open_npz(data: bytes, where: str) -> dict[str, Any]:
-    """All arrays of an .npz (no pickles), or InputError."""
-    import numpy as np
-
-    from cmflow.errors import InputError
-
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            if not hasattr(npz, "files"):
-                raise InputError(f"{where} is a single .npy array, not an .npz; save it with numpy.savez")
-            return {name: np.asarray(npz[name]) for name in npz.files}
-    except InputError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
-        raise InputError(f"{where} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
-
-
 def _images_from_arrays(arrays: dict[str, Any], where: str) -> Any:
     """uint8 (N, C, H, W) from an .npz's ``images`` array (or its first one)."""
     import numpy as np
@@ -97,17 +78,18 @@ def _images_from_arrays(arrays: dict[str, Any], where: str) -> Any:
 
 def load_images(uri: str) -> Any:
     """uint8 (N, C, H, W) images of an .npz or an image folder at ``uri``."""
-    from cmflow.data.sources import decode_all, open_image_folder
+    from cmflow.data.sources import decode_all, open_image_folder, read_npz
     from cmflow.redact import redact_uri
     from cmflow.storage import open_uri
 
     if _is_folder(uri):
         return decode_all(open_image_folder(uri, {}, None, use_labels=False))[0]
-    return _images_from_arrays(_open_npz(open_uri(uri), redact_uri(uri)), redact_uri(uri))
+    return _images_from_arrays(read_npz(open_uri(uri), redact_uri(uri)), redact_uri(uri))
 
 
 def _load_ref(uri: str) -> tuple[Any | None, Any | None]:
     """(ReferenceStats, None) for a statistics .npz, or (None, images) for images."""
+    from cmflow.data.sources import read_npz
     from cmflow.metrics.reference import stats_from_bytes
     from cmflow.redact import redact_uri
     from cmflow.storage import open_uri
@@ -115,7 +97,7 @@ def _load_ref(uri: str) -> tuple[Any | None, Any | None]:
     if _is_folder(uri):
         return None, load_images(uri)
     data = open_uri(uri)
-    arrays = _open_npz(data, redact_uri(uri))
+    arrays = read_npz(data, redact_uri(uri))
     if {"mu", "sigma"} <= set(arrays) and "images" not in arrays:
         return stats_from_bytes(data), None
     return None, _images_from_arrays(arrays, redact_uri(uri))

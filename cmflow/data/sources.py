@@ -341,25 +341,38 @@ def open_image_folder(
 # -- npz -------------------------------------------------------------------------------------------------------
 
 
-def open_npz(uri: str, options: dict[str, Any], resolution: int | None, use_labels: bool) -> ArraySource:
-    """A ``.npz`` with images (uint8 NCHW / NHWC / NHW) and optional integer labels (no pickles)."""
-    where = redact_uri(uri)
-    data = open_uri(uri, options)
+def read_npz(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file's bytes, refusing pickled (object) arrays; InputError otherwise."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            keys = list(npz.files)
-            image_key = next((k for k in ("images", "x", "arr_0", "data") if k in keys), None)
-            if image_key is None:
-                raise InputError(
-                    f"{where} has no 'images' (or 'x' / 'arr_0') array; it has: {', '.join(keys)}"
-                )
-            images = np.asarray(npz[image_key])
-            label_key = next((k for k in ("labels", "y", "arr_1") if k in keys), None)
-            labels = np.asarray(npz[label_key]) if label_key is not None else None
+            if not hasattr(npz, "files"):
+                raise InputError(f"{where} is a single .npy array, not an .npz; save it with numpy.savez")
+            return {name: np.asarray(npz[name]) for name in npz.files}
     except InputError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
-        raise InputError(f"{where} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+        reason = (
+            "it holds pickled (object) arrays" if "pickled" in str(exc) else f"{type(exc).__name__}: {exc}"
+        )
+        raise InputError(
+            f"{where} is not a readable .npz file ({reason}); write it with numpy.savez from plain numeric arrays"
+        ) from None
+
+
+def open_npz(uri: str, options: dict[str, Any], resolution: int | None, use_labels: bool) -> ArraySource:
+    """A ``.npz`` with images (uint8 NCHW / NHWC / NHW) and optional integer labels (no pickles)."""
+    where = redact_uri(uri)
+    arrays = read_npz(open_uri(uri, options), where)
+    keys = list(arrays)
+    image_key = next((k for k in ("images", "x", "arr_0", "data") if k in keys), None)
+    if image_key is None:
+        raise InputError(
+            f"{where} has no 'images' (or 'x' / 'arr_0') array; it has: {', '.join(keys)}; name the images "
+            "array 'images'"
+        )
+    images = arrays[image_key]
+    label_key = next((k for k in ("labels", "y", "arr_1") if k in keys), None)
+    labels = arrays[label_key] if label_key is not None else None
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim == 4 and images.shape[1] not in (1, 3) and images.shape[3] in (1, 3):

@@ -107,6 +107,13 @@ def test_sample_and_edit_cli(champion: tuple[str, Manifest], mlflow_server: str,
         "3",
     ]
     assert main([*args, "--out", str(out), *uri]) == 0 and out.is_file()
+    with Image.open(out) as picture:
+        edited = np.asarray(picture)[::4, ::4]  # one 8x8 image, shown 4x (nearest neighbour)
+    known = np.pad(np.zeros((4, 4), bool), 2, constant_values=True)  # black in the mask: kept
+    assert edited.shape == (8, 8)
+    # the kept border is the input (up to uint8 rounding); the centre was generated, not copied
+    assert np.all(np.abs(edited[known].astype(int) - 128) <= 1)
+    assert np.abs(edited[~known].astype(int) - 128).mean() > 10
     assert main(["edit", "inpaint", f"models:/{name}/1", "--image", str(source), *uri]) == 2  # no --mask
     assert main(["sample", f"models:/{name}@nobody", *uri]) == 2  # RegistryError: no such alias
 

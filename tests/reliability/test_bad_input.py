@@ -262,6 +262,7 @@ def test_cli_bad_input(
     assert main(args) == code
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.fullmatch(r"error: \S.*; \S.*\n", err), f"no '; <fix>' part: {err}"  # the problem; the fix
     assert "Traceback" not in err
     assert re.search(pattern, err), err
     assert files_under(env.root) == before, "bad input wrote to the store"

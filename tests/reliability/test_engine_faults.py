@@ -129,6 +129,12 @@ def test_damaged_artifact_is_recomputed_not_reused(tmp_path: Path, damage: str) 
     assert second.stages["a"].status == "done" and "values.npy" in second.stages["a"].reason
     assert second.stages["a"].manifest_digest == srec.manifest_digest  # same bytes recomputed
     assert statuses(second)["b"] == "hit"
+    # the damaged manifest was moved aside with its reason, not deleted
+    prefix = Storage.artifact_prefix("demo.arrays", srec.cache_key)
+    moved = storage.list(f"{prefix}/quarantine")
+    assert len(moved) == 1, moved
+    aside = storage.read_json(f"{prefix}/quarantine/{moved[0]}")
+    assert "values.npy" in aside["reason"] and json.loads(aside["manifest"])["attempt"] == manifest.attempt
 
 
 def free_port() -> int:
@@ -168,6 +174,40 @@ def test_s3_endpoint_down_briefly_is_retried(moto_endpoint: str, tmp_path: Path)
         restart.join()
     assert record.status == "succeeded", record.error
     assert statuses(record) == {"a": "done", "b": "done", "c": "done"}
+
+
+def test_a_storage_call_during_an_outage_is_retried_until_the_endpoint_is_back(
+    moto_endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry the row above relies on, counted: a write issued while the endpoint is down backs off and
+    retries (logged once per retry) and lands once the endpoint is back."""
+    import logging
+
+    import s3fs
+
+    port = free_port()
+    server = _moto(port)
+    url = f"http://127.0.0.1:{port}"
+    s3fs.S3FileSystem(endpoint_url=url, skip_instance_cache=True).mkdir("outage-bucket")
+    storage = Storage(
+        "s3://outage-bucket/root", {"endpoint_url": url, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    )
+    storage.write_bytes("before", b"1")
+    server.stop()
+    back: list[Any] = []
+    restart = threading.Timer(2.0, lambda: back.append(_moto(port)))
+    restart.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="cmflow.storage"):
+            storage.write_bytes("during", b"2")
+        retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+        assert 1 <= len(retries) <= storage.retries, retries
+        assert "write during failed" in retries[0] and "retry 1 of" in retries[0]
+        assert storage.read_bytes("during") == b"2" and storage.read_bytes("before") == b"1"
+    finally:
+        restart.join()
+        for started in back:
+            started.stop()
 
 
 @pytest.mark.usefixtures("ray_session")
