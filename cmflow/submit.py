@@ -572,8 +572,10 @@ def reconcile(record: RunRecord, job: Mapping[str, Any]) -> RunRecord:
         record.error = f"stopped with `cmflow stop`; resume with `cmflow resume {record.run_id}`"
         for srec in record.stages.values():
             interrupted = srec.error == "the driver stopped"  # what drivers before this change wrote
-            if srec.status in {"running", "pending"} or interrupted:
-                srec.status, srec.error, srec.reason = "skipped", "", "the run was stopped"
+            if srec.status == "running" or interrupted:
+                srec.status, srec.error, srec.reason = "stopped", "", "the run was stopped"
+            elif srec.status == "pending":
+                srec.status, srec.reason = "skipped", "the run was stopped"
         return record
     return record
 

@@ -21,6 +21,7 @@ STYLE = {
     "hit": "cyan",
     "done": "green",
     "failed": "red",
+    "stopped": "magenta",
     "skipped": "dim",
 }
 
@@ -150,7 +151,9 @@ class LiveDisplay:
             if self._last_status.get(name) != srec.status:
                 self._last_status[name] = srec.status
                 extra = (
-                    f" ({srec.seconds:.1f}s)" if srec.status in {"done", "failed"} and srec.started_at else ""
+                    f" ({srec.seconds:.1f}s)"
+                    if srec.status in {"done", "failed", "stopped"} and srec.started_at
+                    else ""
                 )
                 reason = f": {srec.error}" if srec.status == "failed" else ""
                 print(f"[cmflow] {name}: {srec.status}{extra}{reason}", file=sys.stderr, flush=True)

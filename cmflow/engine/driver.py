@@ -411,8 +411,8 @@ class _Run:
             self.record.error = f"stage {failed[0]!r} failed: {self.record.stages[failed[0]].error}"
 
     def abort(self, exc: BaseException) -> None:
-        """The driver itself stopped (Ctrl-C, SIGTERM: running and pending stages skip) or failed (running
-        stages fail, pending ones skip)."""
+        """The driver itself stopped (Ctrl-C, SIGTERM: running stages read ``stopped``) or failed (running
+        stages fail); pending stages skip."""
         record = self.record
         stopped = isinstance(exc, KeyboardInterrupt)  # Ctrl-C, or SIGTERM from `cmflow stop`
         record.status = "stopped" if stopped else "failed"
@@ -423,7 +423,9 @@ class _Run:
         for srec in record.stages.values():
             if srec.status == "running":
                 _stamp_end(srec)  # the time it ran until the driver stopped
-            if srec.status == "pending" or (stopped and srec.status == "running"):
+            if stopped and srec.status == "running":  # interrupted: keeps the time it ran
+                srec.status, srec.reason = "stopped", "the run was stopped"
+            elif srec.status == "pending":
                 srec.status, srec.reason = (
                     "skipped",
                     "the run was stopped" if stopped else "the driver failed",

@@ -39,7 +39,7 @@ def check_run_id(run_id: str) -> str:
 @dataclass
 class StageRecord:
     kind: str
-    status: str = "pending"  # pending | running | hit | done | failed | skipped
+    status: str = "pending"  # pending | running | hit | done | failed | stopped | skipped
     cache_key: str = ""
     components: dict[str, Any] = field(default_factory=dict)
     reason: str = ""  # why it ran (the miss reason) or why it was skipped

@@ -261,7 +261,8 @@ class PipelineTracker:
             statuses = [s.status for s in record.stages.values()]
             now = _now_ms()
             counts = {
-                f"stages_{name}": float(statuses.count(name)) for name in ("hit", "done", "failed", "skipped")
+                f"stages_{name}": float(statuses.count(name))
+                for name in ("hit", "done", "failed", "stopped", "skipped")
             }
             log_metric_rows(self.client, self.run_id, [(k, v, now, 0) for k, v in counts.items()])
             self.client.set_tag(self.run_id, "cmflow.status", record.status)
