@@ -340,6 +340,10 @@ def require_submission(storage: Storage, run_id: str) -> Submission:
 # Submit, resubmit, inspect, stop
 
 
+#: waits before resubmitting when a freshly started head has no job agent yet (HTTP 500 "No available agent")
+AGENT_WAITS_S = (1.0, 2.0, 4.0, 8.0, 15.0)
+
+
 def _submit_job(
     client: Any,
     target: ClusterTarget,
@@ -356,13 +360,20 @@ def _submit_job(
         (workdir / SPEC_FILE).write_text(yaml.safe_dump(spec_data, sort_keys=False))
         runtime_env = build_runtime_env(workdir, **runtime_options)
         try:
-            client.submit_job(
-                entrypoint=entrypoint,
-                submission_id=submission_id,
-                runtime_env=runtime_env,
-                metadata=metadata,
-                entrypoint_num_cpus=entrypoint_num_cpus,
-            )
+            for wait_s in (*AGENT_WAITS_S, None):
+                try:
+                    client.submit_job(
+                        entrypoint=entrypoint,
+                        submission_id=submission_id,
+                        runtime_env=runtime_env,
+                        metadata=metadata,
+                        entrypoint_num_cpus=entrypoint_num_cpus,
+                    )
+                    break
+                except Exception as exc:  # noqa: BLE001 - only the head's "agent not up yet" is retried
+                    if wait_s is None or "No available agent" not in str(exc):
+                        raise
+                    time.sleep(wait_s)  # a head that just started: its job agent registers within seconds
         except Exception as exc:  # noqa: BLE001 - classified below
             if "already exists" in str(exc):
                 raise DuplicateSubmission(

@@ -453,11 +453,9 @@ def _ray_tags() -> dict[str, str]:
         if ray is None or not ray.is_initialized():
             return {}
         rc = ray.get_runtime_context()
-        ids = {
-            "ray.task_id": rc.get_task_id(),
-            "ray.node_id": rc.get_node_id(),
-            "ray.job_id": rc.get_job_id(),
-        }
+        ids = {"ray.node_id": rc.get_node_id(), "ray.job_id": rc.get_job_id()}
+        if rc.worker.mode == ray._private.worker.WORKER_MODE:  # in the driver Ray warns and returns None
+            ids["ray.task_id"] = rc.get_task_id()
         return {k: str(v) for k, v in ids.items() if v}
     except Exception:  # noqa: BLE001 - best effort
         return {}
