@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -91,14 +91,8 @@ def tick(
 ) -> list[Fire]:
     """Fire every due time of the given schedules (default: all) exactly once. Safe to run concurrently."""
     fires: list[Fire] = []
-    for sid in schedule_ids(storage) if ids is None else list(ids):
-        try:
-            schedule = load_schedule(storage, sid)
-        except CmflowError as exc:
-            if ids is not None:
-                raise
-            fires.append(Fire(sid, "", "failed", reason=str(exc)))
-            continue
+    for schedule in _readable(storage, ids, fires):
+        sid = schedule.id
         try:
             fires.extend(tick_schedule(schedule, now, storage, submitter))
         except CmflowError as exc:  # one broken schedule (or store hiccup) must not stop the others
@@ -330,14 +324,8 @@ def dry_run(now: datetime, storage: Storage, *, ids: Iterable[str] | None = None
     (the schedule or its trigger manifest cannot be read).
     """
     fires: list[Fire] = []
-    for sid in schedule_ids(storage) if ids is None else list(ids):
-        try:
-            schedule = load_schedule(storage, sid)
-        except CmflowError as exc:
-            if ids is not None:
-                raise
-            fires.append(Fire(sid, "", "failed", reason=str(exc)))
-            continue
+    for schedule in _readable(storage, ids, fires):
+        sid = schedule.id
         if not schedule.enabled:
             continue
         now = now.astimezone(UTC)
@@ -372,3 +360,14 @@ def dry_run(now: datetime, storage: Storage, *, ids: Iterable[str] | None = None
             reason = "only if the manifest has new data" if schedule.cron and schedule.trigger else ""
             fires.append(Fire(sid, candidate.run_id, "due", fire_time, candidate.digest, reason))
     return fires
+
+
+def _readable(storage: Storage, ids: Iterable[str] | None, fires: list[Fire]) -> Iterator[Schedule]:
+    """The schedules named by ``ids`` (a bad one raises), or all of them (a bad one becomes a failed fire)."""
+    for sid in schedule_ids(storage) if ids is None else list(ids):
+        try:
+            yield load_schedule(storage, sid)
+        except CmflowError as exc:
+            if ids is not None:
+                raise
+            fires.append(Fire(sid, "", "failed", reason=str(exc)))
